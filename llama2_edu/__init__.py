@@ -1,0 +1,7 @@
+__version__ = "0.1.0"
+"""llama2-edu: Meta's LLaMA 2 in PyTorch, built one idea per chapter.
+
+Every module except this one is exported from the notebooks in `notebooks/`: edit those, then run `nbdev-export`.
+"""
+from llama2_edu.model_file import ModelArgs
+from llama2_edu.model import Transformer

@@ -1,0 +1,10 @@
+"Environment variables that notebooks run under, both when their outputs are stored and when nbval replays them."
+NOTEBOOK_ENV = {
+    "TQDM_DISABLE": "1",             # progress bars show timings: hide them from stored outputs
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONHASHSEED": "0",
+    "PYTHONWARNINGS": "ignore",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_OFFLINE": "1",
+    "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+}

@@ -1,0 +1,56 @@
+"The book's frame: every chapter is in the table of contents, starts the same way, and carries its outputs."
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def cells(path):
+    return json.loads(path.read_text())["cells"]
+
+
+def source(cell):
+    return "".join(cell["source"])
+
+
+def test_toc_lists_every_chapter_in_order():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
+    chapters = [f for f in files if f.startswith("notebooks/")]
+    assert chapters == [f"notebooks/{p.stem}" for p in NOTEBOOKS]
+    for f in files:
+        assert any((ROOT / f).with_suffix(s).exists() for s in (".md", ".ipynb")), f"_toc.yml names a missing page {f}"
+
+
+def test_every_notebook_starts_with_a_title_and_the_same_setup_cell():
+    repo_url = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
+    setups = {}
+    for nb in NOTEBOOKS:
+        first, second = cells(nb)[:2]
+        assert first["cell_type"] == "markdown" and source(first).startswith("# "), f"{nb.name}: no title cell"
+        assert second["cell_type"] == "code", f"{nb.name}: the setup cell must follow the title"
+        setups[nb.name] = source(second)
+    assert len(set(setups.values())) == 1, f"setup cells differ: {sorted(setups)}"
+    setup = next(iter(setups.values()))
+    assert "google.colab" in setup and f"git+{repo_url}" in setup, "the setup cell must install from _config.yml's repository.url"
+
+
+def test_every_notebook_has_stored_outputs():
+    for nb in NOTEBOOKS:
+        code = [c for c in cells(nb) if c["cell_type"] == "code" and source(c).strip()]
+        unexecuted = [i for i, c in enumerate(code) if c.get("execution_count") is None
+                      and "NBVAL_SKIP" not in source(c) and "remove-cell" not in c.get("metadata", {}).get("tags", [])]
+        assert not unexecuted, f"{nb.name}: code cells {unexecuted} were never run (python tools/run_notebooks.py {nb.name})"
+
+
+def test_one_module_per_notebook():
+    exports = {}
+    for nb in NOTEBOOKS:
+        names = re.findall(r"^#\|\s*default_exp\s+(\S+)", "\n".join(source(c) for c in cells(nb)), re.M)
+        assert len(names) == 1, f"{nb.name}: needs exactly one #| default_exp"
+        exports[nb.name] = names[0]
+    assert len(set(exports.values())) == len(exports), exports

@@ -1,0 +1,69 @@
+"Draw the book's architecture figure: book/images/llama2_architecture.svg (and .png). Run: python tools/draw_architecture.py"
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+OUT = Path(__file__).resolve().parents[1] / "book" / "images" / "llama2_architecture"
+COLORS = {"embed": "#f6d8ae", "norm": "#d9ead3", "attn": "#cfe2f3", "ffn": "#ead1dc", "out": "#fff2cc", "plain": "#ffffff"}
+
+
+def box(ax, x, y, w, h, text, kind, note=None):
+    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.02,rounding_size=0.08",
+                                fc=COLORS[kind], ec="#333333", lw=1.2))
+    ax.text(x, y, text, ha="center", va="center", fontsize=10.5, family="DejaVu Sans")
+    if note:
+        ax.text(x + w / 2 + 0.15, y, note, ha="left", va="center", fontsize=8.5, color="#555555", family="DejaVu Sans Mono")
+
+
+def arrow(ax, x0, y0, x1, y1):
+    ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), arrowstyle="-|>", mutation_scale=12, lw=1.2, color="#333333"))
+
+
+def plus(ax, x, y):
+    ax.add_patch(plt.Circle((x, y), 0.17, fc="white", ec="#333333", lw=1.2))
+    ax.text(x, y - 0.01, "+", ha="center", va="center", fontsize=13)
+
+
+fig, ax = plt.subplots(figsize=(8.2, 11))
+ax.set_xlim(-3.2, 7.2)
+ax.set_ylim(-0.6, 14.2)
+ax.axis("off")
+X = 1.0
+box(ax, X, 0.0, 3.0, 0.55, "tokens", "plain", "(bsz, seqlen)  ints < vocab_size")
+box(ax, X, 1.1, 3.0, 0.6, "tok_embeddings", "embed", "(bsz, seqlen, dim)")
+arrow(ax, X, 0.3, X, 0.8)
+# the repeated block
+ax.add_patch(FancyBboxPatch((-2.6, 1.85), 6.3, 8.55, boxstyle="round,pad=0.05,rounding_size=0.2", fc="#f7f7f7", ec="#888888", lw=1.2, ls="--"))
+ax.text(-2.45, 10.25, "TransformerBlock  × n_layers", fontsize=10.5, weight="bold", va="top")
+arrow(ax, X, 1.4, X, 2.7)
+box(ax, X, 3.1, 3.4, 0.55, "attention_norm (RMSNorm)", "norm")
+arrow(ax, X, 3.38, X, 3.95)
+box(ax, X, 4.6, 4.7, 1.2, "Attention\nwq, wk, wv → RoPE on q, k\nKV cache → grouped-query SDPA → wo", "attn", "n_heads queries,\nn_kv_heads keys/values")
+arrow(ax, X, 5.2, X, 5.72)
+plus(ax, X, 5.9)
+ax.add_patch(FancyArrowPatch((X, 2.35), (-1.9, 2.35), arrowstyle="-", lw=1.2, color="#333333"))
+ax.add_patch(FancyArrowPatch((-1.9, 2.35), (-1.9, 5.9), arrowstyle="-", lw=1.2, color="#333333"))
+arrow(ax, -1.9, 5.9, X - 0.17, 5.9)
+arrow(ax, X, 6.07, X, 6.6)
+box(ax, X, 6.9, 3.4, 0.55, "ffn_norm (RMSNorm)", "norm")
+arrow(ax, X, 7.18, X, 7.65)
+box(ax, X, 8.2, 4.2, 1.0, "FeedForward (SwiGLU)\nw2( silu(w1 x) · w3 x )", "ffn", "dim → hidden → dim")
+arrow(ax, X, 8.7, X, 9.18)
+plus(ax, X, 9.35)
+ax.add_patch(FancyArrowPatch((X, 6.3), (-1.9, 6.3), arrowstyle="-", lw=1.2, color="#333333"))
+ax.add_patch(FancyArrowPatch((-1.9, 6.3), (-1.9, 9.35), arrowstyle="-", lw=1.2, color="#333333"))
+arrow(ax, -1.9, 9.35, X - 0.17, 9.35)
+arrow(ax, X, 9.52, X, 10.75)
+box(ax, X, 11.05, 3.4, 0.55, "norm (RMSNorm)", "norm")
+arrow(ax, X, 11.33, X, 11.75)
+box(ax, X, 12.1, 3.0, 0.65, "output (Linear)", "out", "(bsz, seqlen, vocab_size)\ntied to tok_embeddings in\nthe embedded model")
+arrow(ax, X, 12.43, X, 12.95)
+box(ax, X, 13.3, 3.0, 0.6, "logits → next token", "plain")
+ax.set_title("Llama 2, as built in this book (Meta's module names)", fontsize=12)
+fig.savefig(OUT.with_suffix(".svg"), bbox_inches="tight")
+fig.savefig(OUT.with_suffix(".png"), dpi=110, bbox_inches="tight")
+print("wrote", OUT.with_suffix(".svg"))

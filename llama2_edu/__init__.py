@@ -6,3 +6,4 @@ Every module except this one is exported from the notebooks in `notebooks/`: edi
 from llama2_edu.model_file import ModelArgs
 from llama2_edu.model import Transformer
 from llama2_edu.tokenizer import Tokenizer, SentencePieceTokenizer, BPETokenizer, load_tokenizer, fetch_llama2_vocab
+from llama2_edu.checkpoint import load_checkpoint, default_device, default_dtype

@@ -45,13 +45,15 @@ def tiny_args(vocab_size: int = TINY_VOCAB, **overrides):
 
 
 def random_state_dict(args, seed: int = 0) -> dict:
-    "Random weights (Meta's names and row order) for `args`: the shapes of a meta-device Transformer, values ~ N(0, 0.02), norms ~ 1."
+    """Random weights (Meta's names and row order) for `args`: the shapes of a meta-device Transformer. Large enough
+    that attention is far from uniform (wq, wk ~ N(0, 0.2)), so a wrong row order or head split changes the logits."""
     from llama2_edu.model import Transformer
     with torch.device("meta"):
         shapes = {name: t.shape for name, t in Transformer(args).state_dict().items()}
     g = torch.Generator().manual_seed(seed)
+    std = lambda name: 0.2 if name.endswith(("wq.weight", "wk.weight")) else 1.0 if "tok_embeddings" in name else 0.1
     return {name: (1 + 0.1 * torch.randn(shape, generator=g)) if name.endswith("norm.weight")
-            else 0.02 * torch.randn(shape, generator=g) * (5 if "tok_embeddings" in name else 1)
+            else std(name) * torch.randn(shape, generator=g)
             for name, shape in shapes.items()}
 
 

@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['RMSNorm']
 
-# %% ../notebooks/03_embeddings_and_rmsnorm.ipynb #65b79f71
+# %% ../notebooks/03_embeddings_and_rmsnorm.ipynb #2a79e5e6
 import torch
 from torch import nn
 
@@ -12,9 +12,9 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim))  # the gain g, (dim,)
 
-    def _norm(self, x):
+    def _norm(self, x):  # x: (..., dim)
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
     def forward(self, x):  # x: (..., dim)

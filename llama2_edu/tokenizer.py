@@ -7,7 +7,7 @@ __all__ = ['TOKEN_NORMAL', 'TOKEN_UNKNOWN', 'TOKEN_CONTROL', 'TOKEN_USER_DEFINED
            'Tokenizer', 'SentencePieceTokenizer', 'bytes_to_unicode', 'BPETokenizer', 'spm_model_proto',
            'tokenizer_from_gguf', 'cache_dir', 'fetch_llama2_vocab', 'write_tokenizer_model', 'load_tokenizer']
 
-# %% ../notebooks/01_tokenizers.ipynb #913fea86
+# %% ../notebooks/01_tokenizers.ipynb #c8f41ddb
 import hashlib
 import os
 import shutil
@@ -23,7 +23,7 @@ import sentencepiece as spm
 import tokenizers
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-# %% ../notebooks/01_tokenizers.ipynb #abd0938c
+# %% ../notebooks/01_tokenizers.ipynb #53225c2a
 class Tokenizer:
     """What every tokenizer of this book offers the model (Meta's names, from `llama/tokenizer.py`).
 
@@ -53,7 +53,7 @@ class Tokenizer:
         return (f"{type(self).__name__}(n_words={self.n_words}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
                 f"pad_id={self.pad_id}, add_bos={self.add_bos})")
 
-# %% ../notebooks/01_tokenizers.ipynb #41330758
+# %% ../notebooks/01_tokenizers.ipynb #51e03e4b
 class SentencePieceTokenizer(Tokenizer):
     """Llama 2's tokenizer: a SentencePiece model (`tokenizer.model`), used exactly as Meta's `Tokenizer` uses it.
 
@@ -96,7 +96,7 @@ class SentencePieceTokenizer(Tokenizer):
     def id_to_piece(self, i: int) -> str:
         return self.sp_model.id_to_piece(int(i))
 
-# %% ../notebooks/01_tokenizers.ipynb #a56da265
+# %% ../notebooks/01_tokenizers.ipynb #8ff2b5a5
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte alphabet: each of the 256 bytes spelled as one printable character.
 
@@ -122,7 +122,7 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 BPE_PRE_TOKENIZER_SPLITS = {"llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT, "llama-bpe": LLAMA3_SPLIT}
 
-# %% ../notebooks/01_tokenizers.ipynb #3b94ba87
+# %% ../notebooks/01_tokenizers.ipynb #af55f894
 class BPETokenizer(Tokenizer):
     """A byte-level BPE tokenizer (GPT-2 style) from a vocabulary and its merges, run by Hugging Face `tokenizers`.
 
@@ -176,7 +176,7 @@ class BPETokenizer(Tokenizer):
     def id_to_piece(self, i: int) -> str:
         return self.pieces[int(i)]
 
-# %% ../notebooks/01_tokenizers.ipynb #57ae1d43
+# %% ../notebooks/01_tokenizers.ipynb #30eb805a
 def _field(reader: gguf.GGUFReader, key: str, default=None):
     "One GGUF metadata value as a plain Python value (`default` when the file does not have it)."
     field = reader.fields.get(key)
@@ -211,7 +211,7 @@ def spm_model_proto(tokens: list[str], scores: list[float], token_types: list[in
     n.escape_whitespaces = True
     return m
 
-# %% ../notebooks/01_tokenizers.ipynb #ae79c343
+# %% ../notebooks/01_tokenizers.ipynb #5498e289
 GGUF_TOKENIZER_MODELS = ("llama", "gpt2")  # SentencePiece (Llama 1/2, Mistral...), byte-level BPE (GPT-2 style)
 
 def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
@@ -242,15 +242,15 @@ def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
     raise ValueError(f"Unsupported GGUF tokenizer model {kind!r} (tokenizer.ggml.model): this book reads "
                      f"{' and '.join(map(repr, GGUF_TOKENIZER_MODELS))} vocabularies.")
 
-# %% ../notebooks/01_tokenizers.ipynb #14962540
+# %% ../notebooks/01_tokenizers.ipynb #af030b02
 LLAMA2_VOCAB_PACKAGE = "llama-cpp-python==0.3.36"   # its source distribution vendors llama.cpp's test vocabularies
 LLAMA2_VOCAB_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 LLAMA2_VOCAB_SDIST_SIZE = "76.6 MB"
 LLAMA2_VOCAB_MEMBER = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
 LLAMA2_VOCAB_FILES = {  # file name in the cache -> sha256
     "ggml-vocab-llama-spm.gguf": "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69",
-    "ggml-vocab-llama-spm.gguf.inp": None,  # llama.cpp's tokenizer test vectors: inputs
-    "ggml-vocab-llama-spm.gguf.out": None,  # ... and the ids they must give (no BOS)
+    "ggml-vocab-llama-spm.gguf.inp": "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",  # llama.cpp's test inputs
+    "ggml-vocab-llama-spm.gguf.out": "ad6905c925c49c022974fe67e030382e8a4f56eb4489a0b9481dcedb1ec73b29",  # ... their ids (no BOS)
 }
 FETCH_COMMAND = "python -m llama2_edu fetch-tokenizer"
 
@@ -269,7 +269,7 @@ def _download_sdist(dest: Path) -> Path:
     "pip-download the pinned llama-cpp-python source distribution into `dest` (pip checks its sha256)."
     requirement = dest / "requirements.txt"
     requirement.write_text(f"{LLAMA2_VOCAB_PACKAGE} --hash=sha256:{LLAMA2_VOCAB_SDIST_SHA256}\n")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--require-hashes",
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python", "--require-hashes",
            "--disable-pip-version-check", "-q", "-r", str(requirement), "-d", str(dest)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     sdists = sorted(dest.glob("llama_cpp_python-*.tar.gz"))
@@ -347,7 +347,7 @@ def write_tokenizer_model(gguf_path, out_path) -> Path:
     os.replace(tmp, out_path)
     return out_path
 
-# %% ../notebooks/01_tokenizers.ipynb #a0771c23
+# %% ../notebooks/01_tokenizers.ipynb #8475445c
 LLAMA2_NAMES = ("llama-2", "llama2")
 
 def load_tokenizer(source=None) -> Tokenizer:

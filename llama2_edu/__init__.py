@@ -7,3 +7,4 @@ from llama2_edu.model_file import ModelArgs
 from llama2_edu.model import Transformer
 from llama2_edu.tokenizer import Tokenizer, SentencePieceTokenizer, BPETokenizer, load_tokenizer, fetch_llama2_vocab
 from llama2_edu.checkpoint import load_checkpoint, default_device, default_dtype
+from llama2_edu.generation import Llama, load, sample_top_p

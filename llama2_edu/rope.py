@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['precompute_freqs_cis', 'reshape_for_broadcast', 'apply_rotary_emb', 'permute_to_hf', 'permute_from_hf']
 
-# %% ../notebooks/04_rotary_embeddings.ipynb #adbf1ed4
+# %% ../notebooks/04_rotary_embeddings.ipynb #e94e4154
 import torch
 
 def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
@@ -27,7 +27,7 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
     xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
     return xq_out.type_as(xq), xk_out.type_as(xk)
 
-# %% ../notebooks/04_rotary_embeddings.ipynb #393675ee
+# %% ../notebooks/04_rotary_embeddings.ipynb #53f4ad83
 def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     "Reorder the rows of a Meta `wq`/`wk` (interleaved pairs) into Hugging Face's half-split layout."
     out_dim, in_dim = w.shape  # (n_heads * head_dim, dim)

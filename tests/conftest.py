@@ -1,13 +1,5 @@
-import os
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
-from notebook_env import NOTEBOOK_ENV  # noqa: E402
-
-os.environ.update(NOTEBOOK_ENV)  # inherited by the kernels nbval starts (--nbval-current-env)
-
-import pytest  # noqa: E402
+"Shared test fixtures (the notebooks' environment is set by the root conftest.py)."
+import pytest
 
 
 @pytest.fixture(scope="session")

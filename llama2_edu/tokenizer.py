@@ -2,12 +2,12 @@
 
 # %% auto #0
 __all__ = ['TOKEN_NORMAL', 'TOKEN_UNKNOWN', 'TOKEN_CONTROL', 'TOKEN_USER_DEFINED', 'TOKEN_UNUSED', 'TOKEN_BYTE', 'LLAMA3_SPLIT',
-           'BPE_PRE_TOKENIZER_SPLITS', 'GGUF_TOKENIZER_MODELS', 'LLAMA2_VOCAB_PACKAGE', 'LLAMA2_VOCAB_SDIST_SHA256',
-           'LLAMA2_VOCAB_SDIST_SIZE', 'LLAMA2_VOCAB_MEMBER', 'LLAMA2_VOCAB_FILES', 'FETCH_COMMAND', 'LLAMA2_NAMES',
-           'Tokenizer', 'SentencePieceTokenizer', 'bytes_to_unicode', 'BPETokenizer', 'spm_model_proto',
-           'tokenizer_from_gguf', 'cache_dir', 'fetch_llama2_vocab', 'write_tokenizer_model', 'load_tokenizer']
+           'BPE_PRE_TOKENIZER_SPLITS', 'LLAMA2_VOCAB_PACKAGE', 'LLAMA2_VOCAB_SDIST_SHA256', 'LLAMA2_VOCAB_SDIST_SIZE',
+           'LLAMA2_VOCAB_MEMBER', 'LLAMA2_VOCAB_FILES', 'FETCH_COMMAND', 'GGUF_TOKENIZER_MODELS', 'LLAMA2_NAMES',
+           'Tokenizer', 'SentencePieceTokenizer', 'bytes_to_unicode', 'BPETokenizer', 'cache_dir', 'fetch_llama2_vocab',
+           'write_tokenizer_model', 'spm_model_proto', 'tokenizer_from_gguf', 'load_tokenizer']
 
-# %% ../notebooks/01_tokenizers.ipynb #c8f41ddb
+# %% ../notebooks/01_tokenizers.ipynb #47004414
 import hashlib
 import os
 import shutil
@@ -23,7 +23,7 @@ import sentencepiece as spm
 import tokenizers
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-# %% ../notebooks/01_tokenizers.ipynb #53225c2a
+# %% ../notebooks/01_tokenizers.ipynb #04941f8d
 class Tokenizer:
     """What every tokenizer of this book offers the model (Meta's names, from `llama/tokenizer.py`).
 
@@ -53,7 +53,7 @@ class Tokenizer:
         return (f"{type(self).__name__}(n_words={self.n_words}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
                 f"pad_id={self.pad_id}, add_bos={self.add_bos})")
 
-# %% ../notebooks/01_tokenizers.ipynb #51e03e4b
+# %% ../notebooks/01_tokenizers.ipynb #1b76d96d
 class SentencePieceTokenizer(Tokenizer):
     """Llama 2's tokenizer: a SentencePiece model (`tokenizer.model`), used exactly as Meta's `Tokenizer` uses it.
 
@@ -96,7 +96,7 @@ class SentencePieceTokenizer(Tokenizer):
     def id_to_piece(self, i: int) -> str:
         return self.sp_model.id_to_piece(int(i))
 
-# %% ../notebooks/01_tokenizers.ipynb #8ff2b5a5
+# %% ../notebooks/01_tokenizers.ipynb #62f39cb1
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte alphabet: each of the 256 bytes spelled as one printable character.
 
@@ -122,7 +122,7 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 BPE_PRE_TOKENIZER_SPLITS = {"llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT, "llama-bpe": LLAMA3_SPLIT}
 
-# %% ../notebooks/01_tokenizers.ipynb #af55f894
+# %% ../notebooks/01_tokenizers.ipynb #c7490211
 class BPETokenizer(Tokenizer):
     """A byte-level BPE tokenizer (GPT-2 style) from a vocabulary and its merges, run by Hugging Face `tokenizers`.
 
@@ -176,73 +176,7 @@ class BPETokenizer(Tokenizer):
     def id_to_piece(self, i: int) -> str:
         return self.pieces[int(i)]
 
-# %% ../notebooks/01_tokenizers.ipynb #30eb805a
-def _field(reader: gguf.GGUFReader, key: str, default=None):
-    "One GGUF metadata value as a plain Python value (`default` when the file does not have it)."
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-def spm_model_proto(tokens: list[str], scores: list[float], token_types: list[int], *,
-                    unk_id: int = 0, bos_id: int = 1, eos_id: int = 2, pad_id: int = -1,
-                    add_dummy_prefix: bool = True) -> sp_pb2.ModelProto:
-    """A SentencePiece `ModelProto` for a Llama-style vocabulary: BPE, byte fallback, Llama's normalizer.
-
-    The normalizer is Llama's: no Unicode normalization (`identity`), a `▁` prepended to the text
-    (the dummy prefix), runs of spaces kept, and every space written as `▁`.
-    """
-    m = sp_pb2.ModelProto()
-    for piece, score, kind in zip(tokens, scores, token_types):
-        p = m.pieces.add()
-        p.piece, p.score, p.type = piece, float(score), int(kind)  # GGUF and SentencePiece number types alike
-    t = m.trainer_spec
-    t.model_type = sp_pb2.TrainerSpec.BPE
-    t.vocab_size = len(tokens)
-    t.byte_fallback = any(k == TOKEN_BYTE for k in token_types)
-    t.unk_id, t.bos_id, t.eos_id, t.pad_id = unk_id, bos_id, eos_id, pad_id
-    t.unk_piece = tokens[unk_id] if unk_id >= 0 else "<unk>"
-    t.bos_piece = tokens[bos_id] if bos_id >= 0 else "<s>"
-    t.eos_piece = tokens[eos_id] if eos_id >= 0 else "</s>"
-    if pad_id >= 0:
-        t.pad_piece = tokens[pad_id]
-    n = m.normalizer_spec
-    n.name = "identity"
-    n.add_dummy_prefix = add_dummy_prefix
-    n.remove_extra_whitespaces = False
-    n.escape_whitespaces = True
-    return m
-
-# %% ../notebooks/01_tokenizers.ipynb #5498e289
-GGUF_TOKENIZER_MODELS = ("llama", "gpt2")  # SentencePiece (Llama 1/2, Mistral...), byte-level BPE (GPT-2 style)
-
-def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
-    """The tokenizer stored in a GGUF file's metadata (a path or an open `gguf.GGUFReader`).
-
-    `tokenizer.ggml.model` says which kind: `llama` is a SentencePiece vocabulary (tokens, scores, types),
-    rebuilt as a `tokenizer.model` and run by `sentencepiece`; `gpt2` is byte-level BPE (tokens and merges),
-    run by `tokenizers`.
-    """
-    from llama2_edu.model_file import open_gguf
-    reader = path_or_reader if isinstance(path_or_reader, gguf.GGUFReader) else open_gguf(path_or_reader)
-    kind = _field(reader, "tokenizer.ggml.model")
-    get = lambda key, default=None: _field(reader, f"tokenizer.ggml.{key}", default)
-    chat_template = _field(reader, "tokenizer.chat_template")
-    if kind == "llama":
-        tokens = get("tokens")
-        proto = spm_model_proto(tokens, get("scores", [0.0] * len(tokens)), get("token_type", [TOKEN_NORMAL] * len(tokens)),
-                                unk_id=get("unknown_token_id", 0), bos_id=get("bos_token_id", 1),
-                                eos_id=get("eos_token_id", 2), pad_id=get("padding_token_id", -1),
-                                add_dummy_prefix=get("add_space_prefix", True))
-        return SentencePieceTokenizer(model_proto=proto.SerializeToString(), add_bos=get("add_bos_token", True),
-                                      chat_template=chat_template)
-    if kind == "gpt2":
-        return BPETokenizer(get("tokens"), get("merges"), get("token_type"),
-                            bos_id=get("bos_token_id", -1), eos_id=get("eos_token_id", -1),
-                            pad_id=get("padding_token_id", -1), add_bos=get("add_bos_token", False),
-                            pre=get("pre"), chat_template=chat_template)
-    raise ValueError(f"Unsupported GGUF tokenizer model {kind!r} (tokenizer.ggml.model): this book reads "
-                     f"{' and '.join(map(repr, GGUF_TOKENIZER_MODELS))} vocabularies.")
-
-# %% ../notebooks/01_tokenizers.ipynb #af030b02
+# %% ../notebooks/01_tokenizers.ipynb #f4c2d18c
 LLAMA2_VOCAB_PACKAGE = "llama-cpp-python==0.3.36"   # its source distribution vendors llama.cpp's test vocabularies
 LLAMA2_VOCAB_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 LLAMA2_VOCAB_SDIST_SIZE = "76.6 MB"
@@ -347,7 +281,73 @@ def write_tokenizer_model(gguf_path, out_path) -> Path:
     os.replace(tmp, out_path)
     return out_path
 
-# %% ../notebooks/01_tokenizers.ipynb #8475445c
+# %% ../notebooks/01_tokenizers.ipynb #b084e758
+def _field(reader: gguf.GGUFReader, key: str, default=None):
+    "One GGUF metadata value as a plain Python value (`default` when the file does not have it)."
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+def spm_model_proto(tokens: list[str], scores: list[float], token_types: list[int], *,
+                    unk_id: int = 0, bos_id: int = 1, eos_id: int = 2, pad_id: int = -1,
+                    add_dummy_prefix: bool = True) -> sp_pb2.ModelProto:
+    """A SentencePiece `ModelProto` for a Llama-style vocabulary: BPE, byte fallback, Llama's normalizer.
+
+    The normalizer is Llama's: no Unicode normalization (`identity`), a `▁` prepended to the text
+    (the dummy prefix), runs of spaces kept, and every space written as `▁`.
+    """
+    m = sp_pb2.ModelProto()
+    for piece, score, kind in zip(tokens, scores, token_types):
+        p = m.pieces.add()
+        p.piece, p.score, p.type = piece, float(score), int(kind)  # GGUF and SentencePiece number types alike
+    t = m.trainer_spec
+    t.model_type = sp_pb2.TrainerSpec.BPE
+    t.vocab_size = len(tokens)
+    t.byte_fallback = any(k == TOKEN_BYTE for k in token_types)
+    t.unk_id, t.bos_id, t.eos_id, t.pad_id = unk_id, bos_id, eos_id, pad_id
+    t.unk_piece = tokens[unk_id] if unk_id >= 0 else "<unk>"
+    t.bos_piece = tokens[bos_id] if bos_id >= 0 else "<s>"
+    t.eos_piece = tokens[eos_id] if eos_id >= 0 else "</s>"
+    if pad_id >= 0:
+        t.pad_piece = tokens[pad_id]
+    n = m.normalizer_spec
+    n.name = "identity"
+    n.add_dummy_prefix = add_dummy_prefix
+    n.remove_extra_whitespaces = False
+    n.escape_whitespaces = True
+    return m
+
+# %% ../notebooks/01_tokenizers.ipynb #87d6415e
+GGUF_TOKENIZER_MODELS = ("llama", "gpt2")  # SentencePiece (Llama 1/2, Mistral...), byte-level BPE (GPT-2 style)
+
+def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
+    """The tokenizer stored in a GGUF file's metadata (a path or an open `gguf.GGUFReader`).
+
+    `tokenizer.ggml.model` says which kind: `llama` is a SentencePiece vocabulary (tokens, scores, types),
+    rebuilt as a `tokenizer.model` and run by `sentencepiece`; `gpt2` is byte-level BPE (tokens and merges),
+    run by `tokenizers`.
+    """
+    from llama2_edu.model_file import open_gguf
+    reader = path_or_reader if isinstance(path_or_reader, gguf.GGUFReader) else open_gguf(path_or_reader)
+    kind = _field(reader, "tokenizer.ggml.model")
+    get = lambda key, default=None: _field(reader, f"tokenizer.ggml.{key}", default)
+    chat_template = _field(reader, "tokenizer.chat_template")
+    if kind == "llama":
+        tokens = get("tokens")
+        proto = spm_model_proto(tokens, get("scores", [0.0] * len(tokens)), get("token_type", [TOKEN_NORMAL] * len(tokens)),
+                                unk_id=get("unknown_token_id", 0), bos_id=get("bos_token_id", 1),
+                                eos_id=get("eos_token_id", 2), pad_id=get("padding_token_id", -1),
+                                add_dummy_prefix=get("add_space_prefix", True))
+        return SentencePieceTokenizer(model_proto=proto.SerializeToString(), add_bos=get("add_bos_token", True),
+                                      chat_template=chat_template)
+    if kind == "gpt2":
+        return BPETokenizer(get("tokens"), get("merges"), get("token_type"),
+                            bos_id=get("bos_token_id", -1), eos_id=get("eos_token_id", -1),
+                            pad_id=get("padding_token_id", -1), add_bos=get("add_bos_token", False),
+                            pre=get("pre"), chat_template=chat_template)
+    raise ValueError(f"Unsupported GGUF tokenizer model {kind!r} (tokenizer.ggml.model): this book reads "
+                     f"{' and '.join(map(repr, GGUF_TOKENIZER_MODELS))} vocabularies.")
+
+# %% ../notebooks/01_tokenizers.ipynb #39c5ace9
 LLAMA2_NAMES = ("llama-2", "llama2")
 
 def load_tokenizer(source=None) -> Tokenizer:

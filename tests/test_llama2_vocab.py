@@ -2,6 +2,7 @@
 llama.cpp's own tokenizer test vectors, the reconstructed tokenizer.model, a tiny GGUF checkpoint with this
 vocabulary, and the fetch's failure modes."""
 import io
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -123,7 +124,10 @@ def test_corrupted_cache_is_fetched_again(vocab_path, tmp_path, monkeypatch, cap
 
 
 def test_no_registry_access(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no configured extra indexes
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
     monkeypatch.setenv("PIP_RETRIES", "0")
     monkeypatch.setenv("PIP_TIMEOUT", "2")
     monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")

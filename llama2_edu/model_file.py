@@ -118,7 +118,8 @@ def args_from_gguf(reader: gguf.GGUFReader, **overrides) -> ModelArgs:
         norm_eps=p("attention.layer_norm_rms_epsilon", 1e-5),
         rope_theta=p("rope.freq_base", 10000.0),
         max_seq_len=p("context_length", 2048),
-        tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),  # no output matrix: tied
+        tie_word_embeddings=bool(reader.tensors)  # weights but no output matrix: tied
+                            and not any(t.name == "output.weight" for t in reader.tensors),
     )
     return ModelArgs(**{**args, **overrides})
 

@@ -116,3 +116,26 @@ def test_llama2_args_match_transformers_llama_defaults():
     assert a.max_seq_len == 4096 and ModelArgs().dim == 4096
     seventy = LLAMA2_ARGS["70B"]
     assert (seventy.n_heads, seventy.n_kv_heads, seventy.ffn_dim_multiplier, seventy.multiple_of) == (64, 8, 1.3, 4096)
+
+
+def write_llama_gguf(path, tensors: dict):
+    "A minimal Llama GGUF file: the hyper-parameters args_from_gguf reads, a 4-piece vocabulary and `tensors`."
+    writer = gguf.GGUFWriter(path, arch="llama")
+    writer.add_block_count(1); writer.add_embedding_length(8); writer.add_feed_forward_length(16)
+    writer.add_head_count(2); writer.add_head_count_kv(2); writer.add_context_length(32)
+    writer.add_token_list(["<unk>", "<s>", "</s>", "a"])
+    for name, array in tensors.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file()
+    writer.close()
+    return open_gguf(path)
+
+
+@pytest.mark.parametrize("tensors, tied", [
+    ({"token_embd.weight": np.zeros((4, 8), np.float32)}, True),                # weights, no output matrix
+    ({"token_embd.weight": np.zeros((4, 8), np.float32),
+      "output.weight": np.zeros((4, 8), np.float32)}, False),                   # an output matrix of its own
+    ({}, False),                                                                # a vocabulary-only file: no weights at all
+])
+def test_tied_embeddings_follow_the_tensors(tmp_path, tensors, tied):
+    assert args_from_gguf(write_llama_gguf(tmp_path / "m.gguf", tensors)).tie_word_embeddings is tied

@@ -2,12 +2,12 @@
 
 # %% auto #0
 __all__ = ['FLOAT_DTYPES', 'DEFAULT_MAX_SEQ_LEN', 'DEFAULT_MAX_BATCH_SIZE', 'META_SPLIT_DIM', 'META_IGNORED', 'HF_TO_META',
-           'HUB_ID', 'default_device', 'supports_bf16', 'default_dtype', 'check_dtype', 'load_gguf', 'meta_split_dim',
-           'args_from_params', 'check_shards', 'meta_state_dict', 'find_tokenizer', 'load_meta', 'hf_to_meta_name',
-           'args_from_hf_config', 'hf_weight_files', 'read_hf_file', 'hf_state_dict', 'load_hf', 'check_gguf_types',
-           'gguf_version', 'download_from_hub', 'checkpoint_layout', 'load_checkpoint']
+           'HUB_ID', 'default_device', 'supports_bf16', 'default_dtype', 'check_dtype', 'check_gguf_types',
+           'gguf_version', 'load_gguf', 'meta_split_dim', 'args_from_params', 'check_shards', 'meta_state_dict',
+           'find_tokenizer', 'load_meta', 'hf_to_meta_name', 'args_from_hf_config', 'hf_weight_files', 'read_hf_file',
+           'hf_state_dict', 'load_hf', 'download_from_hub', 'checkpoint_layout', 'load_checkpoint']
 
-# %% ../notebooks/08_loading_weights.ipynb #0232f8c3
+# %% ../notebooks/08_loading_weights.ipynb #dde10dd9
 import json
 import re
 from pathlib import Path
@@ -20,7 +20,7 @@ from .model import Transformer
 from .model_file import ModelArgs, args_from_gguf, embedded_model_path, gguf_state_dict, open_gguf
 from .rope import permute_from_hf
 
-# %% ../notebooks/08_loading_weights.ipynb #06cd119b
+# %% ../notebooks/08_loading_weights.ipynb #06fb8ad3
 def default_device() -> torch.device:
     "CUDA when a GPU is available, else the CPU."
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,11 +53,11 @@ def check_dtype(device, dtype) -> torch.dtype:
                          "pass dtype=torch.float16 instead, or leave dtype=None to choose automatically.")
     return dtype
 
-# %% ../notebooks/08_loading_weights.ipynb #b7b2caa6
-DEFAULT_MAX_SEQ_LEN = 512    # Llama 2 7B fp16 on a Colab T4: 12.6 GiB weights + 1 GiB KV cache (see below)
+# %% ../notebooks/08_loading_weights.ipynb #2f77fc43
+DEFAULT_MAX_SEQ_LEN = 512    # KV cache of Llama 2 7B in fp16: 4 x 512 positions x 512 KiB = 1 GiB (fits a Colab T4)
 DEFAULT_MAX_BATCH_SIZE = 4
 
-# %% ../notebooks/08_loading_weights.ipynb #ca101097
+# %% ../notebooks/08_loading_weights.ipynb #124010ce
 def _gguf_tokenizer(reader):
     from llama2_edu.tokenizer import tokenizer_from_gguf  # chapter 1
     return tokenizer_from_gguf(reader)
@@ -82,6 +82,20 @@ def _assign(model: Transformer, tensors, device, dtype, desc: str):
     model.load_state_dict(state_dict, assign=True)  # the parameters become these tensors: no copy
     return model.requires_grad_(False).eval()
 
+def check_gguf_types(reader):
+    "Every tensor of the GGUF file must be a type `gguf` can dequantize (F32, F16, BF16, Q4_0 ... Q8_0, the K- and I-quants)."
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import _type_traits
+    for t in reader.tensors:
+        if t.tensor_type not in (T.F32, T.F16) and t.tensor_type not in _type_traits:
+            raise ValueError(f"Tensor {t.name!r} is stored as {t.tensor_type.name}, which gguf {gguf_version()} "
+                             "cannot dequantize: convert the file to F16, Q8_0 or a K-quant with llama.cpp's "
+                             "llama-quantize, or upgrade the gguf package.")
+
+def gguf_version() -> str:
+    from importlib.metadata import version
+    return version("gguf")
+
 def load_gguf(path, device, dtype, tokenizer_path=None, **overrides):
     "Model and tokenizer (from the same file unless `tokenizer_path`) of a GGUF file, dequantized tensor by tensor."
     reader = open_gguf(path)
@@ -95,7 +109,7 @@ def load_gguf(path, device, dtype, tokenizer_path=None, **overrides):
         return model, load_tokenizer(tokenizer_path)
     return model, _gguf_tokenizer(reader)
 
-# %% ../notebooks/08_loading_weights.ipynb #27f804a0
+# %% ../notebooks/08_loading_weights.ipynb #3a9f8c54
 META_SPLIT_DIM = {  # Meta's model-parallel split: which dimension each shard holds a slice of (None: replicated)
     "tok_embeddings": 1,                                   # ParallelEmbedding: columns
     "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,  # ColumnParallelLinear: output rows
@@ -112,7 +126,7 @@ def meta_split_dim(name: str) -> Optional[int]:
                          "Check that the directory holds a Llama 2 checkpoint.")
     return META_SPLIT_DIM[key]
 
-# %% ../notebooks/08_loading_weights.ipynb #4cdfe69a
+# %% ../notebooks/08_loading_weights.ipynb #6ba89f27
 def args_from_params(params: dict, n_words: int, **overrides) -> ModelArgs:
     "`ModelArgs` from Meta's `params.json`; `vocab_size: -1` means the tokenizer's `n_words`."
     known = set(ModelArgs.__dataclass_fields__)
@@ -161,7 +175,7 @@ def meta_state_dict(paths, device, dtype):
         del shard, w  # the last references to this shard's storage: the file is unmapped, its pages leave our memory
     yield from merged.items()
 
-# %% ../notebooks/08_loading_weights.ipynb #b4490890
+# %% ../notebooks/08_loading_weights.ipynb #93d7842d
 def find_tokenizer(ckpt_dir: Path, tokenizer_path=None):
     "Llama 2's tokenizer: `tokenizer_path` if given, else `tokenizer.model` in `ckpt_dir` or its parent (Meta's download layout)."
     from llama2_edu.tokenizer import load_tokenizer  # chapter 1
@@ -187,7 +201,7 @@ def load_meta(ckpt_dir: Path, device, dtype, tokenizer_path=None, **overrides):
     model = _assign(model, meta_state_dict(paths, device, dtype), device, dtype, desc=f"Loading {ckpt_dir.name}")
     return model, tokenizer
 
-# %% ../notebooks/08_loading_weights.ipynb #394ca0b7
+# %% ../notebooks/08_loading_weights.ipynb #20a1bfd3
 HF_TO_META = {  # Hugging Face's LlamaForCausalLM name -> Meta's name ({i}: layer index)
     "model.embed_tokens.weight": "tok_embeddings.weight",
     "model.norm.weight": "norm.weight",
@@ -213,7 +227,7 @@ def hf_to_meta_name(name: str) -> Optional[str]:
         raise ValueError(f"Unexpected tensor {name!r} in the checkpoint: not a LlamaForCausalLM weight.")
     return HF_TO_META[key].format(i=i)
 
-# %% ../notebooks/08_loading_weights.ipynb #73af0789
+# %% ../notebooks/08_loading_weights.ipynb #c324267e
 def args_from_hf_config(config: dict, **overrides) -> ModelArgs:
     "`ModelArgs` from a Hugging Face `config.json` (LlamaForCausalLM)."
     if config.get("model_type") != "llama":
@@ -237,7 +251,7 @@ def args_from_hf_config(config: dict, **overrides) -> ModelArgs:
     )
     return ModelArgs(**{**args, **overrides})
 
-# %% ../notebooks/08_loading_weights.ipynb #c4e67c50
+# %% ../notebooks/08_loading_weights.ipynb #939cbd70
 def hf_weight_files(ckpt_dir: Path) -> list:
     "The weight files of a Hugging Face checkpoint: safetensors preferred, sharded (with an index) or not."
     for index_name, pattern in [("model.safetensors.index.json", "*.safetensors"),
@@ -288,21 +302,7 @@ def load_hf(ckpt_dir: Path, device, dtype, tokenizer_path=None, **overrides):
     model = _assign(model, hf_state_dict(files, args), device, dtype, desc=f"Loading {ckpt_dir.name}")
     return model, tokenizer
 
-# %% ../notebooks/08_loading_weights.ipynb #121c04bf
-def check_gguf_types(reader):
-    "Every tensor of the GGUF file must be a type `gguf` can dequantize (F32, F16, BF16, Q4_0 ... Q8_0, the K- and I-quants)."
-    from gguf import GGMLQuantizationType as T
-    from gguf.quants import _type_traits
-    for t in reader.tensors:
-        if t.tensor_type not in (T.F32, T.F16) and t.tensor_type not in _type_traits:
-            raise ValueError(f"Tensor {t.name!r} is stored as {t.tensor_type.name}, which gguf {gguf_version()} "
-                             "cannot dequantize: convert the file to F16, Q8_0 or a K-quant with llama.cpp's "
-                             "llama-quantize, or upgrade the gguf package.")
-
-def gguf_version() -> str:
-    from importlib.metadata import version
-    return version("gguf")
-
+# %% ../notebooks/08_loading_weights.ipynb #f98abfdf
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 def download_from_hub(repo_id: str) -> Path:
@@ -325,7 +325,7 @@ def download_from_hub(repo_id: str) -> Path:
             "`huggingface-cli login` (or huggingface_hub.login() in Colab) and check you are online; "
             "or download the weights yourself and pass their local directory.") from e
 
-# %% ../notebooks/08_loading_weights.ipynb #bad6a5e2
+# %% ../notebooks/08_loading_weights.ipynb #8467f95e
 def checkpoint_layout(path: Path) -> str:
     "'gguf', 'meta' or 'hf': which of the three layouts `path` holds."
     if path.is_file():

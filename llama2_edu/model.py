@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['ffn_hidden_dim', 'FeedForward', 'TransformerBlock', 'Transformer']
 
-# %% ../notebooks/07_transformer.ipynb #96c5224a
+# %% ../notebooks/07_transformer.ipynb #ca725b43
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,7 +14,7 @@ from .kv_cache import KVCache
 from .norm import RMSNorm
 from .rope import precompute_freqs_cis
 
-# %% ../notebooks/07_transformer.ipynb #def8d6d6
+# %% ../notebooks/07_transformer.ipynb #d8a74585
 def ffn_hidden_dim(args: ModelArgs) -> int:
     "SwiGLU hidden size: explicit if given, else Meta's rule (2/3 of 4 dim, times the multiplier, rounded up)."
     if args.ffn_hidden_dim is not None:
@@ -33,9 +33,9 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
 
     def forward(self, x):  # (bsz, seqlen, dim)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (bsz, seqlen, hidden_dim) inside, (bsz, seqlen, dim) out
 
-# %% ../notebooks/07_transformer.ipynb #f67eef14
+# %% ../notebooks/07_transformer.ipynb #2a304b17
 class TransformerBlock(nn.Module):
     "Pre-norm block: h = x + attention(norm(x)); out = h + feed_forward(norm(h))."
     def __init__(self, layer_id: int, args: ModelArgs):
@@ -52,7 +52,7 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
-# %% ../notebooks/07_transformer.ipynb #97e77638
+# %% ../notebooks/07_transformer.ipynb #3423be51
 class Transformer(nn.Module):
     "Llama 2: token embeddings, `n_layers` blocks, a final RMSNorm and the output projection to the vocabulary."
     def __init__(self, params: ModelArgs):
@@ -71,13 +71,19 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         "Logits (bsz, seqlen, vocab_size) in fp32 for tokens (bsz, seqlen) at positions start_pos..; fills the KV cache."
-        _bsz, seqlen = tokens.shape
+        bsz, seqlen = tokens.shape
+        if bsz > self.params.max_batch_size:
+            raise ValueError(f"A batch of {bsz} sequences does not fit the KV cache (max_batch_size="
+                             f"{self.params.max_batch_size}): build the model with a larger max_batch_size.")
+        if start_pos + seqlen > self.params.max_seq_len:
+            raise ValueError(f"Positions {start_pos}..{start_pos + seqlen - 1} do not fit the KV cache (max_seq_len="
+                             f"{self.params.max_seq_len}): build the model with a larger max_seq_len.")
         h = self.tok_embeddings(tokens)                                   # (bsz, seqlen, dim)
         self.freqs_cis = self.freqs_cis.to(h.device)
         freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]        # (seqlen, head_dim // 2)
         mask = causal_mask(seqlen, start_pos, h.device) if seqlen > 1 and start_pos > 0 else None
         for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask)
+            h = layer(h, start_pos, freqs_cis, mask)                      # (bsz, seqlen, dim)
         h = self.norm(h)
         output = self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
         return output.float()                                             # (bsz, seqlen, vocab_size)

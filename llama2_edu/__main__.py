@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['FRENCH_PROMPT', 'DTYPES', 'build_parser', 'read_prompt', 'fetch_tokenizer_main', 'main']
 
-# %% ../notebooks/10_command_line.ipynb #a1059cd7
+# %% ../notebooks/10_command_line.ipynb #1524c65c
 import argparse
 import sys
 from pathlib import Path
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--echo", action="store_true", help="print the prompt before its completion")
     return p
 
-# %% ../notebooks/10_command_line.ipynb #edf6bbac
+# %% ../notebooks/10_command_line.ipynb #5d2aa84c
 def read_prompt(args, parser) -> str:
     "The prompt from the argument, --file, or standard input, in that order."
     if args.prompt is not None and args.prompt != "-":
@@ -74,7 +74,7 @@ def read_prompt(args, parser) -> str:
         parser.error("no prompt: give it as an argument, with --file PATH, or on standard input")
     return text[:-1] if text.endswith("\n") else text
 
-# %% ../notebooks/10_command_line.ipynb #e6eedaa0
+# %% ../notebooks/10_command_line.ipynb #14debfc5
 def fetch_tokenizer_main(argv) -> int:
     "`python -m llama2_edu fetch-tokenizer`: download Llama 2's tokenizer vocabulary (once) and print its path."
     p = argparse.ArgumentParser(
@@ -91,7 +91,7 @@ def fetch_tokenizer_main(argv) -> int:
     print(path.parent / "tokenizer.model")
     return 0
 
-# %% ../notebooks/10_command_line.ipynb #ad21a0f0
+# %% ../notebooks/10_command_line.ipynb #e04db044
 def main(argv=None) -> int:
     "Entry point of `python -m llama2_edu` and of the `llama2-edu` console script."
     argv = sys.argv[1:] if argv is None else list(argv)

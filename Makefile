@@ -15,7 +15,7 @@ setup:
 
 # (1) the main job: the French-translation prompt, completed greedily by the embedded model
 demo: setup
-	$(PYTHON) -m llama2_edu --temperature 0 --max-gen-len 16 "$$(printf '$(PROMPT)')"
+	$(PYTHON) -m llama2_edu --echo --temperature 0 --max-gen-len 16 "$$(printf '$(PROMPT)')"
 
 # (2) the tests: unit and reference tests, the export check, and every notebook under nbval
 test: setup

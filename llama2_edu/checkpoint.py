@@ -3,8 +3,9 @@
 # %% auto #0
 __all__ = ['FLOAT_DTYPES', 'DEFAULT_MAX_SEQ_LEN', 'DEFAULT_MAX_BATCH_SIZE', 'META_SPLIT_DIM', 'META_IGNORED', 'HF_TO_META',
            'HUB_ID', 'default_device', 'supports_bf16', 'default_dtype', 'check_dtype', 'check_gguf_types',
-           'gguf_version', 'load_gguf', 'meta_split_dim', 'args_from_params', 'check_shards', 'meta_state_dict',
-           'find_tokenizer', 'load_meta', 'hf_to_meta_name', 'args_from_hf_config', 'hf_weight_files', 'read_hf_file',
+           'gguf_version', 'load_gguf', 'meta_split_dim', 'args_from_params', 'check_shards', 'open_shard',
+           'check_same_tensors', 'copy_slice', 'meta_layer', 'meta_state_dict', 'find_tokenizer', 'load_meta',
+           'hf_to_meta_name', 'args_from_hf_config', 'hf_weight_files', 'read_hf_file', 'permute_from_hf_in_place',
            'hf_state_dict', 'load_hf', 'download_from_hub', 'checkpoint_layout', 'load_checkpoint']
 
 # %% ../notebooks/08_loading_weights.ipynb #dde10dd9
@@ -146,34 +147,63 @@ def check_shards(args: ModelArgs, n_shards: int):
         raise ValueError(f"{n_shards} shards cannot split {args.n_heads} query heads and {n_kv_heads} key/value heads "
                          "evenly: a consolidated.NN.pth file is missing or extra, or params.json belongs to another model.")
 
-def meta_state_dict(paths, device, dtype):
-    "Yield `(name, tensor)` of a Meta checkpoint, merging its shards, reading one memory-mapped shard at a time."
-    n = len(paths)
-    merged, shapes = {}, {}
-    for i, path in enumerate(tqdm(paths, desc="Reading shards", unit="shard")):
-        shard = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # nothing read yet
-        if n == 1:  # nothing to merge: stream the tensors (same dtype on the CPU: no copy at all)
-            yield from ((name, w) for name, w in shard.items() if name not in META_IGNORED)
-            return
+def open_shard(path: Path) -> dict:
+    "A shard's tensors, memory-mapped: only the file's small pickled index is read, none of the weights."
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+def check_same_tensors(paths):
+    "Every shard must hold the same tensor names with the same shapes (each is one slice of the same model)."
+    first = open_shard(paths[0])
+    for path in paths[1:]:
+        shard = open_shard(path)
+        if odd := sorted((first.keys() ^ shard.keys()) - META_IGNORED):
+            has, lacks = (paths[0], path) if odd[0] in first else (path, paths[0])
+            raise ValueError(f"Tensor {odd[0]!r} is in {has.name} but not in {lacks.name}: the shards come from "
+                             "different models, or a file is damaged (download it again).")
         for name, w in shard.items():
-            if name in META_IGNORED:
-                continue
-            dim = meta_split_dim(name)
-            if shapes.setdefault(name, w.shape) != w.shape:
-                raise ValueError(f"Tensor {name!r} has shape {tuple(w.shape)} in {Path(path).name} but "
-                                 f"{tuple(shapes[name])} in the first shard: the shards come from different models.")
-            if dim is None:  # replicated: keep the first shard's copy
-                if i == 0:
-                    merged[name] = w.to(device=device, dtype=dtype, copy=True)
-                continue
-            if name not in merged:  # allocate the full tensor once, in its final dtype and on its final device
-                shape = list(w.shape)
-                shape[dim] *= n
-                merged[name] = torch.empty(shape, device=device, dtype=dtype)
-            size = w.shape[dim]
-            merged[name].narrow(dim, i * size, size).copy_(w)  # cast and move this shard's slice in place
-        del shard, w  # the last references to this shard's storage: the file is unmapped, its pages leave our memory
-    yield from merged.items()
+            if name not in META_IGNORED and w.shape != first[name].shape:
+                raise ValueError(f"Tensor {name!r} has shape {tuple(w.shape)} in {path.name} but "
+                                 f"{tuple(first[name].shape)} in the first shard: the shards come from different models.")
+    return [name for name in first if name not in META_IGNORED]
+
+# %% ../notebooks/08_loading_weights.ipynb #b7e2c41a
+def copy_slice(merged: dict, name: str, w: torch.Tensor, i: int, n_shards: int, device, dtype):
+    "Put shard `i`'s slice `w` of tensor `name` in place in `merged[name]`, allocated on first use in its final dtype and device."
+    dim = meta_split_dim(name)
+    if dim is None:  # replicated: keep the first shard's copy
+        if i == 0:
+            merged[name] = w.to(device=device, dtype=dtype, copy=True)
+        return
+    if name not in merged:
+        shape = list(w.shape)
+        shape[dim] *= n_shards
+        merged[name] = torch.empty(shape, device=device, dtype=dtype)
+    size = w.shape[dim]
+    merged[name].narrow(dim, i * size, size).copy_(w)  # cast and move this shard's slice in place
+
+def meta_layer(name: str) -> str:
+    "The group a tensor is merged with: its layer (`layers.3.attention.wq.weight` -> `layers.3`), else itself."
+    return ".".join(name.split(".")[:2]) if name.startswith("layers.") else name
+
+def meta_state_dict(paths, device, dtype):
+    "Yield `(name, tensor)` of a Meta checkpoint, merging its shards a few layers at a time."
+    n = len(paths)
+    if n == 1:  # nothing to merge: stream the tensors (same dtype on the CPU: no copy at all)
+        yield from ((name, w) for name, w in open_shard(paths[0]).items() if name not in META_IGNORED)
+        return
+    layers = {}  # "tok_embeddings.weight": [that name], "layers.0": [layer 0's 9 names], ...
+    for name in check_same_tensors(paths):
+        layers.setdefault(meta_layer(name), []).append(name)
+    layers = list(layers.values())
+    groups = [sum(layers[i:i + n], []) for i in range(0, len(layers), n)]  # n layers: 1/n of each is one layer's bytes
+    for names in tqdm(groups, desc=f"Merging {n} shards", unit="group"):
+        merged = {}
+        for i, path in enumerate(paths):
+            shard = open_shard(path)  # mapped again for every group: reads only the index
+            for name in names:
+                copy_slice(merged, name, shard[name], i, n, device, dtype)
+            del shard  # the last reference to the mapped file: it is unmapped, the pages we read leave our memory
+        yield from merged.items()
 
 # %% ../notebooks/08_loading_weights.ipynb #93d7842d
 def find_tokenizer(ckpt_dir: Path, tokenizer_path=None):
@@ -279,6 +309,11 @@ def read_hf_file(path: Path):
     else:
         yield from torch.load(path, map_location="cpu", mmap=True, weights_only=True).items()
 
+def permute_from_hf_in_place(w: torch.Tensor, n_heads: int):
+    "`permute_from_hf` written back into `w`, one head's rows at a time: the only extra memory is one head."
+    for rows in w.chunk(n_heads):  # (head_dim, dim)
+        rows.copy_(permute_from_hf(rows, 1))
+
 def hf_state_dict(files, args: ModelArgs):
     "Yield `(Meta name, tensor)` of a Hugging Face checkpoint, with wq/wk rows permuted back to Meta's interleaved RoPE order."
     for path in files:
@@ -287,9 +322,9 @@ def hf_state_dict(files, args: ModelArgs):
             if name is None or (name == "output.weight" and args.tie_word_embeddings):
                 continue  # a recomputed buffer, or a tied copy of tok_embeddings
             if name.endswith("attention.wq.weight"):
-                w = permute_from_hf(w, args.n_heads)
+                permute_from_hf_in_place(w, args.n_heads)
             elif name.endswith("attention.wk.weight"):
-                w = permute_from_hf(w, args.n_kv_heads or args.n_heads)
+                permute_from_hf_in_place(w, args.n_kv_heads or args.n_heads)
             yield name, w
 
 def load_hf(ckpt_dir: Path, device, dtype, tokenizer_path=None, **overrides):

@@ -2,6 +2,7 @@
 (F32, F16, Q8_0) and the embedded model, each checked against transformers' LlamaForCausalLM; every error it names."""
 import json
 import shutil
+from pathlib import Path
 
 import gguf
 import pytest
@@ -192,6 +193,49 @@ def test_error_shards_do_not_divide_heads(tiny, tmp_path):
         shutil.copy(ckpt / "consolidated.00.pth", ckpt / f"consolidated.0{i}.pth")
     with pytest.raises(ValueError, match="3 shards cannot split 8 query heads and 4 key/value heads"):
         load_checkpoint(ckpt, **SIZES)
+
+
+def test_error_shards_hold_different_tensors(tiny, tmp_path):
+    ckpt = write_meta(tmp_path / "m", tiny["state_dict"], n_shards=2)
+    shutil.copy(tiny["tokenizer_model"], ckpt)
+    shard = torch.load(ckpt / "consolidated.01.pth")
+    del shard["layers.1.feed_forward.w2.weight"]
+    torch.save(shard, ckpt / "consolidated.01.pth")
+    with pytest.raises(ValueError, match="'layers.1.feed_forward.w2.weight' is in consolidated.00.pth but not in consolidated.01.pth"):
+        load_checkpoint(ckpt, **SIZES)
+    shard["layers.1.feed_forward.w2.weight"] = torch.zeros(64, 100)
+    torch.save(shard, ckpt / "consolidated.01.pth")
+    with pytest.raises(ValueError, match=r"'layers.1.feed_forward.w2.weight' has shape \(64, 100\) in consolidated.01.pth"):
+        load_checkpoint(ckpt, **SIZES)
+
+
+def test_meta_merge_unmaps_shards(tiny, tmp_path):
+    "Each merged tensor arrives with no shard file mapped: the pages read to build it have left our memory."
+    from llama2_edu.checkpoint import meta_state_dict
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        pytest.skip("needs Linux's /proc/self/maps")
+    ckpt = write_meta(tmp_path / "m", tiny["state_dict"], n_shards=4)
+    paths = sorted(ckpt.glob("consolidated.*.pth"))
+    mapped = lambda: sum(str(p) in line for p in paths for line in maps.read_text().splitlines())
+    n = 0
+    for name, w in meta_state_dict(paths, "cpu", torch.float32):
+        assert mapped() == 0, name
+        assert torch.equal(w, tiny["state_dict"][name]), name
+        n += 1
+    assert n == len(tiny["state_dict"])
+
+
+def test_hf_load_leaves_files_unchanged(tiny):
+    "wq/wk are un-permuted in place in a private (copy-on-write) mapping: the files on disk must not change."
+    import hashlib
+    files = sorted((tiny["root"] / "hf").glob("*.safetensors"))
+    digest = lambda: [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    before = digest()
+    model, _ = load_checkpoint(tiny["root"] / "hf", **{**SIZES, "dtype": torch.float32})
+    assert torch.equal(model.layers[0].attention.wq.weight, tiny["state_dict"]["layers.0.attention.wq.weight"])
+    del model
+    assert digest() == before
 
 
 def test_error_unknown_params(tiny, tmp_path):

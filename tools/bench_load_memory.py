@@ -1,11 +1,11 @@
 """Peak host memory of `load_checkpoint` on a >= 1 GB random checkpoint, against the checkpoint's size.
 
-    python tools/bench_load_memory.py                      # Meta (1 and 2 shards) and HF safetensors, bf16, ~1.2 GB
+    python tools/bench_load_memory.py                      # Meta (1, 2 and 4 shards) and HF safetensors, bf16, ~1.2 GB
     python tools/bench_load_memory.py --layouts hf --gb 2  # one layout, a bigger checkpoint
 
 Writes random Llama-shaped weights (dim 2048, Llama 2's vocabulary size) to a temporary directory, then loads them
-to the CPU, in the checkpoint's own dtype, in a fresh subprocess, runs one forward pass (so every weight has really
-been read), and reports the subprocess's peak resident set size (VmHWM: anonymous memory plus the pages of
+to the CPU, in the checkpoint's own dtype, in a fresh subprocess, runs one forward pass and sums every parameter (so
+every page of every weight has really been read), and reports the subprocess's load time and peak resident set size (VmHWM: anonymous memory plus the pages of
 memory-mapped files it touched; unlike ru_maxrss it does not inherit the parent's peak across fork). Goal (issue 4): peak RSS <= 1.25 x checkpoint bytes.
 """
 import argparse
@@ -23,17 +23,25 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 DIM, FFN, VOCAB, HEADS = 2048, 5632, 32000, 16  # TinyLlama-1.1B-like widths
 CHILD = r"""
-import json, os, resource, sys, torch
+import json, os, resource, sys, time, torch
 def status_mb(key):  # VmRSS: resident now; VmHWM: peak resident (anonymous + file-backed pages), MiB
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
 from llama2_edu.checkpoint import load_checkpoint
+from llama2_edu.model import Transformer
+from llama2_edu.model_file import ModelArgs
+with torch.device("meta"):  # building any model imports ~70 MiB of library code (torch._dynamo, sympy): baseline, not weights
+    Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=100, max_seq_len=16, max_batch_size=1))
 baseline = status_mb("VmRSS")
+start = time.perf_counter()
 model, _ = load_checkpoint(sys.argv[1], device="cpu", dtype=getattr(torch, sys.argv[2]), max_seq_len=16, max_batch_size=1)
-model(torch.tensor([[1, 2, 3, 4]]), 0)  # touches every weight
+load_s = time.perf_counter() - start
+model(torch.tensor([[1, 2, 3, 4]]), 0)  # a forward pass works ...
+for p in model.parameters():  # ... and every page of every weight is read (the forward reads only 4 embedding rows)
+    p.sum()
 # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's RSS at fork (here the random weights we wrote)
-print(json.dumps(dict(baseline_mb=baseline, peak_mb=status_mb("VmHWM"))))
+print(json.dumps(dict(baseline_mb=baseline, peak_mb=status_mb("VmHWM"), load_s=load_s)))
 """
 
 
@@ -76,7 +84,7 @@ def write(layout: str, root: Path, gb: float, dtype) -> Path:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layouts", default="meta1,meta2,hf", help="comma-separated: meta1, meta2, meta4, hf")
+    parser.add_argument("--layouts", default="meta1,meta2,meta4,hf", help="comma-separated: meta1, meta2, meta4, hf")
     parser.add_argument("--gb", type=float, default=1.2, help="checkpoint size in GB (>= 1)")
     parser.add_argument("--dtype", default="bfloat16", help="checkpoint dtype, also the dtype loaded to")
     opts = parser.parse_args()
@@ -98,10 +106,11 @@ def main():
             for p in ckpt.iterdir():
                 p.unlink()
             ckpt.rmdir()
-    print(f"{'layout':8} {'checkpoint':>12} {'baseline RSS':>13} {'peak RSS':>10} {'peak/ckpt':>10} {'(peak-base)/ckpt':>17}")
+    print(f"{'layout':8} {'checkpoint':>12} {'baseline RSS':>13} {'peak RSS':>10} {'peak/ckpt':>10} {'(peak-base)/ckpt':>17} "
+          f"{'load time':>10}")
     for r in rows:
         print(f"{r['layout']:8} {r['checkpoint_mb']:9.0f} MiB {r['baseline_mb']:9.0f} MiB {r['peak_mb']:6.0f} MiB "
-              f"{r['ratio']:10.2f} {r['ratio_above_baseline']:17.2f}")
+              f"{r['ratio']:10.2f} {r['ratio_above_baseline']:17.2f} {r['load_s']:8.2f} s")
     print(json.dumps(rows))
 
 

@@ -41,6 +41,17 @@ class Tokenizer:
     chat_template: Optional[str] = None
 
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
+        "The ids of `s`, after a BOS id if `bos` and before an EOS id if `eos` (Meta's `Tokenizer.encode`)."
+        assert type(s) is str
+        t = self.encode_text(s)
+        if bos:
+            t = [self.bos_id] + t
+        if eos:
+            t = t + [self.eos_id]
+        return t
+
+    def encode_text(self, s: str) -> list[int]:
+        "The ids of `s` alone: the one thing each kind of tokenizer does its own way."
         raise NotImplementedError
 
     def decode(self, t: list[int]) -> str:
@@ -81,14 +92,8 @@ class SentencePieceTokenizer(Tokenizer):
         self.special_tokens = {self.sp_model.id_to_piece(i): i for i in range(self.n_words)
                                if self.sp_model.is_control(i) or self.sp_model.is_unknown(i)}
 
-    def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
-        assert type(s) is str
-        t = self.sp_model.encode(s)
-        if bos:
-            t = [self.bos_id] + t
-        if eos:
-            t = t + [self.eos_id]
-        return t
+    def encode_text(self, s: str) -> list[int]:
+        return self.sp_model.encode(s)
 
     def decode(self, t: list[int]) -> str:
         return self.sp_model.decode(list(t))
@@ -161,14 +166,8 @@ class BPETokenizer(Tokenizer):
         self.chat_template = chat_template
         self.special_tokens = {t: vocab[t] for t in control}
 
-    def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
-        assert type(s) is str
-        t = self.tok.encode(s, add_special_tokens=False).ids
-        if bos:
-            t = [self.bos_id] + t
-        if eos:
-            t = t + [self.eos_id]
-        return t
+    def encode_text(self, s: str) -> list[int]:
+        return self.tok.encode(s, add_special_tokens=False).ids
 
     def decode(self, t: list[int]) -> str:
         return self.tok.decode(list(t), skip_special_tokens=False)

@@ -1,4 +1,4 @@
-"Draw the book's architecture figure: book/images/llama2_architecture.svg (and .png). Run: python tools/draw_architecture.py"
+"Draw the book's architecture figure: book/images/llama2_architecture.svg. Run: python tools/draw_architecture.py"
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +23,14 @@ def arrow(ax, x0, y0, x1, y1):
     ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), arrowstyle="-|>", mutation_scale=12, lw=1.2, color="#333333"))
 
 
+def residual(ax, x, y_from, y_to, x_side=-1.9):
+    "The skip connection: leave the main path at y_from, run up the side, and enter the + at y_to."
+    ax.add_patch(FancyArrowPatch((x, y_from), (x_side, y_from), arrowstyle="-", lw=1.2, color="#333333"))
+    ax.add_patch(FancyArrowPatch((x_side, y_from), (x_side, y_to), arrowstyle="-", lw=1.2, color="#333333"))
+    arrow(ax, x_side, y_to, x - 0.17, y_to)
+    plus(ax, x, y_to)
+
+
 def plus(ax, x, y):
     ax.add_patch(plt.Circle((x, y), 0.17, fc="white", ec="#333333", lw=1.2))
     ax.text(x, y - 0.01, "+", ha="center", va="center", fontsize=13)
@@ -44,19 +52,13 @@ box(ax, X, 3.1, 3.4, 0.55, "attention_norm (RMSNorm)", "norm")
 arrow(ax, X, 3.38, X, 3.95)
 box(ax, X, 4.6, 4.7, 1.2, "Attention\nwq, wk, wv → RoPE on q, k\nKV cache → grouped-query SDPA → wo", "attn", "n_heads queries,\nn_kv_heads keys/values")
 arrow(ax, X, 5.2, X, 5.72)
-plus(ax, X, 5.9)
-ax.add_patch(FancyArrowPatch((X, 2.35), (-1.9, 2.35), arrowstyle="-", lw=1.2, color="#333333"))
-ax.add_patch(FancyArrowPatch((-1.9, 2.35), (-1.9, 5.9), arrowstyle="-", lw=1.2, color="#333333"))
-arrow(ax, -1.9, 5.9, X - 0.17, 5.9)
+residual(ax, X, 2.35, 5.9)
 arrow(ax, X, 6.07, X, 6.6)
 box(ax, X, 6.9, 3.4, 0.55, "ffn_norm (RMSNorm)", "norm")
 arrow(ax, X, 7.18, X, 7.65)
 box(ax, X, 8.2, 4.2, 1.0, "FeedForward (SwiGLU)\nw2( silu(w1 x) · w3 x )", "ffn", "dim → hidden → dim")
 arrow(ax, X, 8.7, X, 9.18)
-plus(ax, X, 9.35)
-ax.add_patch(FancyArrowPatch((X, 6.3), (-1.9, 6.3), arrowstyle="-", lw=1.2, color="#333333"))
-ax.add_patch(FancyArrowPatch((-1.9, 6.3), (-1.9, 9.35), arrowstyle="-", lw=1.2, color="#333333"))
-arrow(ax, -1.9, 9.35, X - 0.17, 9.35)
+residual(ax, X, 6.3, 9.35)
 arrow(ax, X, 9.52, X, 10.75)
 box(ax, X, 11.05, 3.4, 0.55, "norm (RMSNorm)", "norm")
 arrow(ax, X, 11.33, X, 11.75)
@@ -65,5 +67,4 @@ arrow(ax, X, 12.43, X, 12.95)
 box(ax, X, 13.3, 3.0, 0.6, "logits → next token", "plain")
 ax.set_title("Llama 2, as built in this book (Meta's module names)", fontsize=12)
 fig.savefig(OUT.with_suffix(".svg"), bbox_inches="tight")
-fig.savefig(OUT.with_suffix(".png"), dpi=110, bbox_inches="tight")
 print("wrote", OUT.with_suffix(".svg"))

@@ -9,7 +9,9 @@ __all__ = ['FLOAT_DTYPES', 'DEFAULT_MAX_SEQ_LEN', 'DEFAULT_MAX_BATCH_SIZE', 'MET
            'hf_state_dict', 'load_hf', 'download_from_hub', 'checkpoint_layout', 'load_checkpoint']
 
 # %% ../notebooks/08_loading_weights.ipynb #dde10dd9
+import contextlib
 import json
+import mmap
 import re
 from pathlib import Path
 from typing import Optional
@@ -306,8 +308,12 @@ def read_hf_file(path: Path):
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
-    else:
-        yield from torch.load(path, map_location="cpu", mmap=True, weights_only=True).items()
+    else:  # wq/wk are later un-permuted in place: map the file privately, whatever the global mmap default
+        private = (torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE) if hasattr(mmap, "MAP_PRIVATE")
+                   else contextlib.nullcontext())  # Windows maps privately anyway
+        with private:
+            state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        yield from state_dict.items()
 
 def permute_from_hf_in_place(w: torch.Tensor, n_heads: int):
     "`permute_from_hf` written back into `w`, one head's rows at a time: the only extra memory is one head."

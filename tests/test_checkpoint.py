@@ -296,3 +296,21 @@ def test_error_bf16_on_gpu_without_it(monkeypatch):
 def test_error_unsupported_dtype():
     with pytest.raises(ValueError, match="dtype=torch.int8 is not supported"):
         load_checkpoint(None, device="cpu", dtype=torch.int8)
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MAP_SHARED") or __import__("os").name == "nt",
+                    reason="torch supports mmap options only on POSIX systems")
+def test_hf_bin_stays_unchanged_under_a_shared_mmap_default(tiny, tmp_path):
+    "Even if the user made torch map files shared by default, un-permuting wq/wk in place must not write the .bin."
+    import hashlib
+    import mmap
+    ckpt = tmp_path / "hf_bin"
+    ckpt.mkdir()
+    shutil.copy(tiny["root"] / "hf" / "config.json", ckpt)
+    torch.save(tiny["hf"].state_dict(), ckpt / "pytorch_model.bin")
+    before = hashlib.sha256((ckpt / "pytorch_model.bin").read_bytes()).hexdigest()
+    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+        model, _ = load_checkpoint(ckpt, tokenizer_path=tiny["tokenizer_model"], **{**SIZES, "dtype": torch.float32})
+    assert torch.equal(model.layers[0].attention.wq.weight, tiny["state_dict"]["layers.0.attention.wq.weight"])
+    del model
+    assert hashlib.sha256((ckpt / "pytorch_model.bin").read_bytes()).hexdigest() == before

@@ -379,7 +379,7 @@ def checkpoint_layout(path: Path) -> str:
         return "meta"
     if (path / "config.json").is_file():
         return "hf"
-    if len(ggufs := list(path.glob("*.gguf"))) == 1:
+    if len(list(path.glob("*.gguf"))) == 1:
         return "gguf"
     found = sorted(p.name for p in path.iterdir())[:8]
     raise ValueError(f"Unrecognised checkpoint layout in {path} (it holds {found}): expected Meta's params.json + "

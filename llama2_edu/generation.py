@@ -168,6 +168,35 @@ class Llama:
                 raise ValueError(f"Prompt {i} has {len(t)} tokens, more than max_seq_len={params.max_seq_len}: "
                                  "shorten it, or load the model with a larger max_seq_len.")
 
+    def _batch(self, prompt_tokens: List[List[int]], max_gen_len: int):
+        "Meta's batch layout: prompts left-aligned in `tokens` (bsz, total_len), and a mask of the prompt positions."
+        device = self.device
+        prompt_lens = torch.tensor([len(t) for t in prompt_tokens], device=device)  # (bsz,)
+        total_len = min(self.model.params.max_seq_len, max_gen_len + int(prompt_lens.max()))
+        tokens = torch.zeros((len(prompt_tokens), total_len), dtype=torch.long, device=device)  # padding: never fed to the model
+        for k, t in enumerate(prompt_tokens):
+            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+        input_text_mask = torch.arange(total_len, device=device) < prompt_lens[:, None]  # (bsz, total_len): prompt?
+        return tokens, input_text_mask
+
+    def _decode_steps(self, tokens, input_text_mask, temperature, top_p, top_k, generator):
+        """Meta's decoding loop: fill `tokens` in place from the end of the shortest prompt, one position per step,
+        keeping prompt tokens where a longer prompt still has them; yield `(prev_pos, cur_pos, logits)` after each
+        step, until every sequence has produced EOS or `tokens` is full."""
+        eos_reached = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        prev_pos = 0
+        for cur_pos in range(int(input_text_mask.sum(1).min()), tokens.shape[1]):
+            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (bsz, cur_pos - prev_pos, vocab)
+            next_token = sample_next(logits[:, -1], temperature, top_p, top_k, generator)  # (bsz,)
+            # only replace the token if the prompt has already been consumed
+            next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            eos_reached |= ~input_text_mask[:, cur_pos] & (next_token == self.tokenizer.eos_id)
+            yield prev_pos, cur_pos, logits
+            prev_pos = cur_pos
+            if eos_reached.all():
+                break
+
     @torch.inference_mode()
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6, top_p: float = 0.9,
                  logprobs: bool = False, echo: bool = False, *, top_k: Optional[int] = None,
@@ -175,38 +204,19 @@ class Llama:
         "Meta's batched decoding loop: continue each prompt (a list of token ids) until EOS or `max_gen_len` tokens."
         self._check_prompts(prompt_tokens)
         check_sampling(temperature, top_p, top_k, max_gen_len)
-        params, device, eos_id = self.model.params, self.device, self.tokenizer.eos_id
-        generator = self._generator(seed)
-        bsz = len(prompt_tokens)
-        prompt_lens = torch.tensor([len(t) for t in prompt_tokens], device=device)  # (bsz,)
-        min_prompt_len, max_prompt_len = min(map(len, prompt_tokens)), max(map(len, prompt_tokens))
-        total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)
+        eos_id = self.tokenizer.eos_id
+        tokens, input_text_mask = self._batch(prompt_tokens, max_gen_len)
+        token_logprobs = torch.zeros(tokens.shape, dtype=torch.float, device=tokens.device) if logprobs else None
 
-        tokens = torch.zeros((bsz, total_len), dtype=torch.long, device=device)  # padding: never fed to the model
-        for k, t in enumerate(prompt_tokens):
-            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-        input_text_mask = torch.arange(total_len, device=device) < prompt_lens[:, None]  # (bsz, total_len): prompt?
-        token_logprobs = torch.zeros((bsz, total_len), dtype=torch.float, device=device) if logprobs else None
-        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
-
-        prev_pos = 0
-        if min_prompt_len == total_len:  # nothing to generate: score the prompts
-            logits = self.model.forward(tokens, prev_pos)
+        if min(map(len, prompt_tokens)) == tokens.shape[1]:  # nothing to generate: score the prompts
+            logits = self.model.forward(tokens, 0)
             if logprobs:
                 token_logprobs[:, 1:] = -F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
-        for cur_pos in range(min_prompt_len, total_len):
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (bsz, cur_pos - prev_pos, vocab)
-            next_token = sample_next(logits[:, -1], temperature, top_p, top_k, generator)  # (bsz,)
-            # only replace the token if the prompt has already been consumed
-            next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
-            tokens[:, cur_pos] = next_token
+        steps = self._decode_steps(tokens, input_text_mask, temperature, top_p, top_k, self._generator(seed))
+        for prev_pos, cur_pos, logits in steps:
             if logprobs:  # logits at positions prev_pos.. predict the tokens at prev_pos + 1..
                 token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
                     logits.transpose(1, 2), tokens[:, prev_pos + 1 : cur_pos + 1], reduction="none")
-            eos_reached |= ~input_text_mask[:, cur_pos] & (next_token == eos_id)
-            prev_pos = cur_pos
-            if eos_reached.all():
-                break
 
         out_tokens, out_logprobs = [], []
         token_logprobs = token_logprobs.tolist() if logprobs else None
@@ -288,18 +298,12 @@ def _generate_stream(self: Llama, prompt_tokens: List[int], max_gen_len: int, te
     "Yield the token ids `generate` would produce for one prompt, one at a time, as soon as each is sampled."
     self._check_prompts([prompt_tokens])
     check_sampling(temperature, top_p, top_k, max_gen_len)
-    generator = self._generator(seed)
-    total_len = min(self.model.params.max_seq_len, len(prompt_tokens) + max_gen_len)
-    tokens = torch.tensor([prompt_tokens], dtype=torch.long, device=self.device)  # (1, seqlen)
-    prev_pos = 0
-    for cur_pos in range(len(prompt_tokens), total_len):
-        logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
-        next_token = sample_next(logits[:, -1], temperature, top_p, top_k, generator)  # (1,)
-        if next_token.item() == self.tokenizer.eos_id:
+    tokens, input_text_mask = self._batch([prompt_tokens], max_gen_len)  # (1, total_len)
+    for _, cur_pos, _ in self._decode_steps(tokens, input_text_mask, temperature, top_p, top_k, self._generator(seed)):
+        token = tokens[0, cur_pos].item()
+        if token == self.tokenizer.eos_id:
             return
-        yield next_token.item()
-        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-        prev_pos = cur_pos
+        yield token
 
 Llama.generate_stream = _generate_stream
 

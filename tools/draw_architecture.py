@@ -31,6 +31,15 @@ def residual(ax, x, y_from, y_to, x_side=-1.9):
     plus(ax, x, y_to)
 
 
+def sublayer(ax, x, y_skip, y_norm, norm_text, y_body, body_w, body_h, body_text, kind, note, y_plus):
+    "One residual sub-layer: RMSNorm, then the body, added back to the skip connection taken at y_skip."
+    box(ax, x, y_norm, 3.4, 0.55, norm_text, "norm")
+    arrow(ax, x, y_norm + 0.28, x, y_body - body_h / 2 - 0.05)
+    box(ax, x, y_body, body_w, body_h, body_text, kind, note)
+    arrow(ax, x, y_body + body_h / 2, x, y_plus - 0.18)
+    residual(ax, x, y_skip, y_plus)
+
+
 def plus(ax, x, y):
     ax.add_patch(plt.Circle((x, y), 0.17, fc="white", ec="#333333", lw=1.2))
     ax.text(x, y - 0.01, "+", ha="center", va="center", fontsize=13)
@@ -48,17 +57,12 @@ arrow(ax, X, 0.3, X, 0.8)
 ax.add_patch(FancyBboxPatch((-2.6, 1.85), 6.3, 8.55, boxstyle="round,pad=0.05,rounding_size=0.2", fc="#f7f7f7", ec="#888888", lw=1.2, ls="--"))
 ax.text(-2.45, 10.25, "TransformerBlock  × n_layers", fontsize=10.5, weight="bold", va="top")
 arrow(ax, X, 1.4, X, 2.7)
-box(ax, X, 3.1, 3.4, 0.55, "attention_norm (RMSNorm)", "norm")
-arrow(ax, X, 3.38, X, 3.95)
-box(ax, X, 4.6, 4.7, 1.2, "Attention\nwq, wk, wv → RoPE on q, k\nKV cache → grouped-query SDPA → wo", "attn", "n_heads queries,\nn_kv_heads keys/values")
-arrow(ax, X, 5.2, X, 5.72)
-residual(ax, X, 2.35, 5.9)
+sublayer(ax, X, 2.35, 3.1, "attention_norm (RMSNorm)", 4.6, 4.7, 1.2,
+         "Attention\nwq, wk, wv → RoPE on q, k\nKV cache → grouped-query SDPA → wo", "attn",
+         "n_heads queries,\nn_kv_heads keys/values", 5.9)
 arrow(ax, X, 6.07, X, 6.6)
-box(ax, X, 6.9, 3.4, 0.55, "ffn_norm (RMSNorm)", "norm")
-arrow(ax, X, 7.18, X, 7.65)
-box(ax, X, 8.2, 4.2, 1.0, "FeedForward (SwiGLU)\nw2( silu(w1 x) · w3 x )", "ffn", "dim → hidden → dim")
-arrow(ax, X, 8.7, X, 9.18)
-residual(ax, X, 6.3, 9.35)
+sublayer(ax, X, 6.3, 6.9, "ffn_norm (RMSNorm)", 8.2, 4.2, 1.0, "FeedForward (SwiGLU)\nw2( silu(w1 x) · w3 x )", "ffn",
+         "dim → hidden → dim", 9.35)
 arrow(ax, X, 9.52, X, 10.75)
 box(ax, X, 11.05, 3.4, 0.55, "norm (RMSNorm)", "norm")
 arrow(ax, X, 11.33, X, 11.75)

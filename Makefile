@@ -1,9 +1,9 @@
 # The two commands of the README, and the steps they are made of.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-PROMPT := Translate English to French:\n\nsea otter => loutre de mer\npeppermint => menthe poivrée\nplush girafe => girafe peluche\ncheese =>
+PROMPT := Translate English to French:\n\nsea otter => loutre de mer\npeppermint => menthe poivrée\nplush giraffe => girafe en peluche\ncheese =>
 
-.PHONY: setup demo test book notebooks export
+.PHONY: setup demo test book mathjax browser notebooks export
 
 # torch first: an existing install (Colab's CUDA build, say) is kept; otherwise 2.13.0 is installed,
 # which pip takes from the local CPU wheel on the project's machines.
@@ -21,8 +21,20 @@ demo: setup
 test: setup
 	$(PYTHON) -m pytest --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg tests notebooks
 
-book:
+# MathJax is served from the book itself (no CDN): npm installs it once into _build/mathjax,
+# book/_ext/offline_assets.py copies it into the HTML.
+MATHJAX := _build/mathjax/node_modules/mathjax/es5/tex-mml-chtml.js
+mathjax: $(MATHJAX)
+$(MATHJAX):
+	npm install --prefix _build/mathjax --no-save --no-audit --no-fund mathjax@3
+
+book: $(MATHJAX)
 	jupyter-book build . -W -n --keep-going
+
+# Debian's chromium and Playwright's Python package (no browser download), for tests/test_browser.py.
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	$(PIP) install 'playwright>=1.40'
 
 notebooks:
 	$(PYTHON) tools/run_notebooks.py

@@ -6,12 +6,13 @@ __all__ = ['FLOAT_DTYPES', 'DEFAULT_MAX_SEQ_LEN', 'DEFAULT_MAX_BATCH_SIZE', 'MET
            'gguf_version', 'load_gguf', 'meta_split_dim', 'args_from_params', 'check_shards', 'open_shard',
            'check_same_tensors', 'copy_slice', 'meta_layer', 'meta_state_dict', 'find_tokenizer', 'load_meta',
            'hf_to_meta_name', 'args_from_hf_config', 'hf_weight_files', 'read_hf_file', 'permute_from_hf_in_place',
-           'hf_state_dict', 'load_hf', 'download_from_hub', 'checkpoint_layout', 'load_checkpoint']
+           'hf_state_dict', 'load_hf', 'download_from_hub', 'checkpoint_layout', 'checkpoint_path', 'load_checkpoint']
 
 # %% ../notebooks/08_loading_weights.ipynb #dde10dd9
 import contextlib
 import json
 import mmap
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -385,22 +386,31 @@ def checkpoint_layout(path: Path) -> str:
     raise ValueError(f"Unrecognised checkpoint layout in {path} (it holds {found}): expected Meta's params.json + "
                      "consolidated.NN.pth, Hugging Face's config.json + *.safetensors, or one .gguf file.")
 
+def checkpoint_path(source) -> Path:
+    "The local file or directory `source` names: None is the embedded model; a hub id is downloaded (cached)."
+    if source is None:
+        return embedded_model_path()
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if isinstance(source, str) and HUB_ID.match(source):
+        return download_from_hub(source)
+    raise FileNotFoundError(f"No checkpoint at {source!r}: no such file or directory. Pass a Meta or "
+                            "Hugging Face checkpoint directory, a .gguf file, or a hub id like "
+                            "'meta-llama/Llama-2-7b-hf'.")
+
 def load_checkpoint(source=None, *, tokenizer_path=None, device=None, dtype=None,
                     max_seq_len: int = DEFAULT_MAX_SEQ_LEN, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
     "`(Transformer, Tokenizer)` from `source`: None (the embedded model), a Meta or Hugging Face directory, a `.gguf` file or a hub id."
     device = torch.device(device) if device is not None else default_device()
     dtype = check_dtype(device, dtype if dtype is not None else default_dtype(device))
     sizes = dict(max_seq_len=max_seq_len or DEFAULT_MAX_SEQ_LEN, max_batch_size=max_batch_size or DEFAULT_MAX_BATCH_SIZE)
+    path = checkpoint_path(source)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: each process loads its slice (chapter 12)
+        from llama2_edu.parallel import load_sharded
+        return load_sharded(path, device, dtype, tokenizer_path, **sizes)
     if source is None:
-        return load_gguf(embedded_model_path(), device, dtype, **sizes)
-    path = Path(source).expanduser()
-    if not path.exists():
-        if isinstance(source, str) and HUB_ID.match(source):
-            path = download_from_hub(source)
-        else:
-            raise FileNotFoundError(f"No checkpoint at {source!r}: no such file or directory. Pass a Meta or "
-                                    "Hugging Face checkpoint directory, a .gguf file, or a hub id like "
-                                    "'meta-llama/Llama-2-7b-hf'.")
+        return load_gguf(path, device, dtype, **sizes)
     layout = checkpoint_layout(path)
     if layout == "meta":
         return load_meta(path, device, dtype, tokenizer_path, **sizes)

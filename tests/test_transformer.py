@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from llama2_edu.model import FeedForward, Transformer, ffn_hidden_dim
-from llama2_edu.model_file import ModelArgs, args_from_gguf, gguf_state_dict
+from llama2_edu.model_file import LLAMA2_ARGS, ModelArgs, args_from_gguf, gguf_state_dict
 from llama2_edu.rope import permute_to_hf
 
 PROMPTS = [
@@ -13,12 +13,6 @@ PROMPTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
     "Once upon a time, in a small village,",
 ]
-LLAMA2 = {  # Meta's params.json
-    "7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
-    "13B": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000),
-    "70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000,
-                     ffn_dim_multiplier=1.3, multiple_of=4096),
-}
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -79,14 +73,14 @@ def test_untied_gqa_model_equals_transformers():
 @pytest.mark.parametrize("name,expected", [("7B", 6_738_415_616), ("13B", 13_015_864_320), ("70B", 68_976_648_192)])
 def test_llama2_parameter_counts_on_meta_device(name, expected):
     with torch.device("meta"):
-        model = Transformer(LLAMA2[name])
+        model = Transformer(LLAMA2_ARGS[name])
     assert all(p.device.type == "meta" for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) == expected
 
 
 @pytest.mark.parametrize("name,expected", [("7B", 11008), ("13B", 13824), ("70B", 28672)])
 def test_ffn_hidden_dim_follows_meta(name, expected):
-    assert ffn_hidden_dim(LLAMA2[name]) == expected
+    assert ffn_hidden_dim(LLAMA2_ARGS[name]) == expected
 
 
 def test_explicit_ffn_hidden_dim_wins(embedded_reader):
@@ -110,16 +104,27 @@ def test_tied_model_has_no_output_matrix(embedded_model):
 
 
 def test_runs_in_bf16_on_cpu(embedded_reader, embedded_model, hf_embedded):
+    """bf16 weights: fp32 logits, a bf16 cache, and (as chapter 7 checks) a KL divergence from fp32 below the
+    bound that one bf16 step (2^-8) per block allows, with the same greedy token where the favourite is clear.
+    Kernel-independent: it holds whichever bf16 path the CPU takes (AVX2, AVX512-BF16, AMX)."""
     _, hf_tokenizer = hf_embedded
     model = Transformer(args_from_gguf(embedded_reader, max_seq_len=64, max_batch_size=1))
     model.load_state_dict(dict(gguf_state_dict(embedded_reader)))
     model.eval().to(torch.bfloat16)
-    tokens = torch.tensor([hf_tokenizer(PROMPTS[1])["input_ids"]])
-    logits = model(tokens, 0)
-    assert logits.dtype == torch.float32  # logits come back in fp32 whatever the weights' dtype
+    n_clear = 0
+    for prompt in PROMPTS:
+        tokens = torch.tensor([hf_tokenizer(prompt)["input_ids"]])
+        logits, reference = model(tokens, 0)[0, -1], embedded_model(tokens, 0)[0, -1]
+        assert logits.dtype == torch.float32  # logits come back in fp32 whatever the weights' dtype
+        sigma = model.n_layers * 2**-8 * reference.std()
+        kl = torch.nn.functional.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True,
+                                        reduction="sum")
+        assert kl < sigma**2 / 2, (prompt, kl.item())
+        top2 = reference.softmax(-1).topk(2).values
+        if top2[0] > 2 * top2[1]:
+            assert int(logits.argmax()) == int(reference.argmax()), prompt
+            n_clear += 1
+    assert n_clear >= 1
     assert model.layers[0].attention.cache.cache_k.dtype == torch.bfloat16
     step = model(tokens[:, :1], tokens.shape[1])  # and decoding with the bf16 cache works
     assert torch.isfinite(step).all()
-    reference = embedded_model(tokens, 0)
-    assert (logits.softmax(-1) - reference.softmax(-1)).abs().max().item() < 0.05
-    assert int(logits[0, -1].argmax()) == int(reference[0, -1].argmax())

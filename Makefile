@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 PROMPT := Translate English to French:\n\nsea otter => loutre de mer\npeppermint => menthe poivrée\nplush giraffe => girafe en peluche\ncheese =>
 
-.PHONY: setup demo test book mathjax browser notebooks export
+.PHONY: setup demo test test-bf16 book mathjax browser notebooks export
 
 # torch first: an existing install (Colab's CUDA build, say) is kept; otherwise 2.13.0 is installed,
 # which pip takes from the local CPU wheel on the project's machines.
@@ -27,6 +27,14 @@ MATHJAX := _build/mathjax/node_modules/mathjax/es5/tex-mml-chtml.js
 mathjax: $(MATHJAX)
 $(MATHJAX):
 	npm install --prefix _build/mathjax --no-save --no-audit --no-fund mathjax@3
+
+# the reduced-precision checks alone: bf16 results depend on the CPU's kernels, so CI runs these a
+# second time under ONEDNN_MAX_CPU_ISA=AVX2 (oneDNN's AVX2 path), checking both paths on every machine
+BF16_CHECKS := tests/test_transformer.py::test_runs_in_bf16_on_cpu \
+	tests/test_norm.py::test_equals_hf_rmsnorm_in_half_precision_with_large_activations \
+	tests/test_rope.py::test_half_precision_is_computed_in_fp32_and_cast_back notebooks/07_transformer.ipynb
+test-bf16:
+	$(PYTHON) -m pytest --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg $(BF16_CHECKS)
 
 book: $(MATHJAX)
 	jupyter-book build . -W -n --keep-going

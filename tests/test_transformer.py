@@ -5,6 +5,7 @@ import torch
 from llama2_edu.model import FeedForward, Transformer, ffn_hidden_dim
 from llama2_edu.model_file import LLAMA2_ARGS, ModelArgs, args_from_gguf, gguf_state_dict
 from llama2_edu.rope import permute_to_hf
+from llama2_edu.tokenizer import tokenizer_from_gguf
 
 PROMPTS = [
     "Translate English to French:\n\nsea otter => loutre de mer\npeppermint => menthe poivrée\n"
@@ -103,17 +104,17 @@ def test_tied_model_has_no_output_matrix(embedded_model):
     assert embedded_model.output is None and "output.weight" not in embedded_model.state_dict()
 
 
-def test_runs_in_bf16_on_cpu(embedded_reader, embedded_model, hf_embedded):
+def test_runs_in_bf16_on_cpu(embedded_reader, embedded_model):
     """bf16 weights: fp32 logits, a bf16 cache, and (as chapter 7 checks) a KL divergence from fp32 below the
     bound that one bf16 step (2^-8) per block allows, with the same greedy token where the favourite is clear.
     Kernel-independent: it holds whichever bf16 path the CPU takes (AVX2, AVX512-BF16, AMX)."""
-    _, hf_tokenizer = hf_embedded
+    tokenizer = tokenizer_from_gguf(embedded_reader)
     model = Transformer(args_from_gguf(embedded_reader, max_seq_len=64, max_batch_size=1))
     model.load_state_dict(dict(gguf_state_dict(embedded_reader)))
     model.eval().to(torch.bfloat16)
     n_clear = 0
     for prompt in PROMPTS:
-        tokens = torch.tensor([hf_tokenizer(prompt)["input_ids"]])
+        tokens = torch.tensor([tokenizer.encode(prompt, bos=tokenizer.add_bos, eos=False)])
         logits, reference = model(tokens, 0)[0, -1], embedded_model(tokens, 0)[0, -1]
         assert logits.dtype == torch.float32  # logits come back in fp32 whatever the weights' dtype
         sigma = model.n_layers * 2**-8 * reference.std()

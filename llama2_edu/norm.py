@@ -7,8 +7,11 @@ __all__ = ['RMSNorm']
 import torch
 from torch import nn
 
+
 class RMSNorm(nn.Module):
-    "Root-mean-square layer norm: rescale each vector to unit RMS, then by a learned gain."
+    """Root-mean-square layer norm: rescale each vector to unit RMS, then by a learned
+    gain."""
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -18,5 +21,6 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
     def forward(self, x):  # x: (..., dim)
-        output = self._norm(x.float()).type_as(x)  # computed in fp32, cast back, as Meta does
+        # computed in fp32, cast back, as Meta does
+        output = self._norm(x.float()).type_as(x)
         return output * self.weight

@@ -6,34 +6,57 @@ __all__ = ['precompute_freqs_cis', 'reshape_for_broadcast', 'apply_rotary_emb', 
 # %% ../notebooks/04_rotary_embeddings.ipynb #e94e4154
 import torch
 
+
 def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
-    "Rotations e^{i m θ_k} for positions m < `end` and pairs k < `dim`/2: complex64, (end, dim // 2)."
-    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))  # θ_k, (dim // 2,)
-    t = torch.arange(end, dtype=torch.float32)                                      # positions m, (end,)
-    freqs = torch.outer(t, freqs)                                                   # angles m θ_k, (end, dim // 2)
-    return torch.polar(torch.ones_like(freqs), freqs)                               # unit complex numbers
+    """Rotations e^{i m θ_k} for positions m < `end` and pairs k < `dim`/2: complex64,
+    (end, dim // 2)."""
+    # θ_k, (dim // 2,)
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
+    # positions m, (end,)
+    t = torch.arange(end, dtype=torch.float32)
+    # angles m θ_k, (end, dim // 2)
+    freqs = torch.outer(t, freqs)
+    # unit complex numbers
+    return torch.polar(torch.ones_like(freqs), freqs)
+
 
 def reshape_for_broadcast(freqs_cis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    "View (seqlen, head_dim // 2) rotations as (1, seqlen, 1, head_dim // 2) to multiply x."
+    """View (seqlen, head_dim // 2) rotations as (1, seqlen, 1, head_dim // 2) to
+    multiply x."""
     shape = [d if i == 1 or i == x.ndim - 1 else 1 for i, d in enumerate(x.shape)]
     return freqs_cis.view(*shape)
 
+
 def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor):
-    "Rotate each adjacent pair (x0, x1), (x2, x3), ... of q and k: (bsz, seqlen, n_heads, head_dim)."
-    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))  # (bsz, seqlen, n_heads, head_dim // 2)
+    """Rotate each adjacent pair (x0, x1), (x2, x3), ... of q and k: (bsz, seqlen,
+    n_heads, head_dim)."""
+    # (bsz, seqlen, n_heads, head_dim // 2)
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
     xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
     freqs_cis = reshape_for_broadcast(freqs_cis, xq_)
-    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)                  # back to (..., head_dim)
+    # back to (..., head_dim)
+    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
     xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
     return xq_out.type_as(xq), xk_out.type_as(xk)
 
 # %% ../notebooks/04_rotary_embeddings.ipynb #53f4ad83
 def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    "Reorder the rows of a Meta `wq`/`wk` (interleaved pairs) into Hugging Face's half-split layout."
+    """Reorder the rows of a Meta `wq`/`wk` (interleaved pairs) into Hugging Face's
+    half-split layout."""
     out_dim, in_dim = w.shape  # (n_heads * head_dim, dim)
-    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    return (
+        w.view(n_heads, out_dim // n_heads // 2, 2, in_dim)
+        .transpose(1, 2)
+        .reshape(out_dim, in_dim)
+    )
+
 
 def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    "Inverse of `permute_to_hf`: Hugging Face's half-split rows back to Meta's interleaved pairs."
+    """Inverse of `permute_to_hf`: Hugging Face's half-split rows back to Meta's
+    interleaved pairs."""
     out_dim, in_dim = w.shape
-    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    return (
+        w.view(n_heads, 2, out_dim // n_heads // 2, in_dim)
+        .transpose(1, 2)
+        .reshape(out_dim, in_dim)
+    )

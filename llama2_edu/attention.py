@@ -13,32 +13,53 @@ from .rope import apply_rotary_emb
 
 # %% ../notebooks/05_attention.ipynb #4eb48761
 def causal_mask(seqlen: int, start_pos: int = 0, device=None) -> torch.Tensor:
-    "Boolean mask (seqlen, start_pos + seqlen): query i (at position start_pos + i) may see key j iff j <= start_pos + i."
-    return torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=device).tril(start_pos)
+    """Boolean mask (seqlen, start_pos + seqlen): query i (at position start_pos + i)
+    may see key j iff j <= start_pos + i."""
+    return torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=device).tril(
+        start_pos
+    )
 
 # %% ../notebooks/05_attention.ipynb #fa0068b5
-def attention(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask=None) -> torch.Tensor:
+def attention(
+    xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask=None
+) -> torch.Tensor:
     """Causal scaled dot-product attention with grouped-query heads.
-    xq: (bsz, n_heads, seqlen, head_dim); keys, values: (bsz, n_kv_heads, cache_len, head_dim).
-    `mask=None` means: causal if seqlen == cache_len (a prefill), nothing masked if seqlen == 1 (a decoding step)."""
+    xq: (bsz, n_heads, seqlen, head_dim); keys, values: (bsz, n_kv_heads, cache_len,
+    head_dim).
+    `mask=None` means: causal if seqlen == cache_len (a prefill), nothing masked if
+    seqlen == 1 (a decoding step).
+    """
     seqlen, cache_len = xq.shape[-2], keys.shape[-2]
     if mask is None and seqlen not in (1, cache_len):
-        raise ValueError(f"{seqlen} queries against {cache_len} keys need an explicit mask: "
-                         f"pass mask=causal_mask({seqlen}, start_pos={cache_len - seqlen}).")
+        raise ValueError(
+            f"{seqlen} queries against {cache_len} keys need an explicit mask: "
+            f"pass mask=causal_mask({seqlen}, start_pos={cache_len - seqlen})."
+        )
     return F.scaled_dot_product_attention(
-        xq, keys, values, attn_mask=mask, is_causal=mask is None and seqlen > 1,
-        enable_gqa=keys.shape[1] != xq.shape[1])  # each group of n_heads // n_kv_heads queries shares a key/value head
+        xq,
+        keys,
+        values,
+        attn_mask=mask,
+        is_causal=mask is None and seqlen > 1,
+        # each group of n_heads // n_kv_heads queries shares a key/value head
+        enable_gqa=keys.shape[1] != xq.shape[1],
+    )
 
 # %% ../notebooks/05_attention.ipynb #a9ea9a06
 class Attention(nn.Module):
-    "Grouped-query self-attention with rotary embeddings; `cache` (chapter 6) keeps past keys and values."
+    """Grouped-query self-attention with rotary embeddings; `cache` (chapter 6) keeps
+    past keys and values."""
+
     def __init__(self, args: ModelArgs, cache=None):
         super().__init__()
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
         if args.dim % args.n_heads or args.n_heads % self.n_kv_heads:
-            raise ValueError(f"dim={args.dim}, n_heads={args.n_heads}, n_kv_heads={self.n_kv_heads}: "
-                             "dim must be a multiple of n_heads, and n_heads a multiple of n_kv_heads.")
+            raise ValueError(
+                f"dim={args.dim}, n_heads={args.n_heads}, n_kv_heads={self.n_kv_heads}:"
+                " dim must be a multiple of n_heads, and n_heads a multiple of"
+                " n_kv_heads."
+            )
         self.n_rep = self.n_heads // self.n_kv_heads  # query heads per key/value head
         self.head_dim = args.dim // args.n_heads
         self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
@@ -47,13 +68,24 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
         self.cache = cache
 
-    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask=None):
-        bsz, seqlen, _ = x.shape                                           # (bsz, seqlen, dim)
-        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)     # (bsz, seqlen, n_heads, head_dim)
-        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)  # (bsz, seqlen, n_kv_heads, head_dim)
+    def forward(
+        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask=None
+    ):
+        # (bsz, seqlen, dim)
+        bsz, seqlen, _ = x.shape
+        # (bsz, seqlen, n_heads, head_dim)
+        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        # (bsz, seqlen, n_kv_heads, head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)             # positions start_pos .. start_pos + seqlen - 1
-        if self.cache is not None:  # all keys and values so far: (bsz, start_pos + seqlen, n_kv_heads, head_dim)
+        # positions start_pos .. start_pos + seqlen - 1
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
+        # all keys and values so far: (bsz, start_pos + seqlen, n_kv_heads, head_dim)
+        if self.cache is not None:
             xk, xv = self.cache.update(start_pos, xk, xv)
-        output = attention(xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2), mask)  # (bsz, n_heads, seqlen, head_dim)
-        return self.wo(output.transpose(1, 2).reshape(bsz, seqlen, -1))  # (bsz, seqlen, dim)
+        # (bsz, n_heads, seqlen, head_dim)
+        output = attention(
+            xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2), mask
+        )
+        # (bsz, seqlen, dim)
+        return self.wo(output.transpose(1, 2).reshape(bsz, seqlen, -1))

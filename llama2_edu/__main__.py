@@ -5,6 +5,7 @@ __all__ = ['FRENCH_PROMPT', 'DTYPES', 'build_parser', 'read_prompt', 'fetch_toke
 
 # %% ../notebooks/10_command_line.ipynb #1524c65c
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -101,6 +102,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     prompt = read_prompt(args, parser)
     stream = sys.stdout.isatty() if args.stream is None else args.stream
+    quiet = int(os.environ.get("RANK", "0")) > 0  # torchrun starts one copy per rank (chapter 12)
+    if quiet:  # only rank 0 prints
+        sys.stdout = open(os.devnull, "w")
     import torch  # imported only now, so that --help is instant
     from llama2_edu.generation import check_sampling, load
     try:
@@ -124,7 +128,8 @@ def main(argv=None) -> int:
         else:
             print(llama.text_completion([prompt], **sampling)[0]["generation"])
     except (ValueError, OSError, ImportError, NotImplementedError) as e:  # problems the message explains
-        print(f"llama2-edu: error: {e}", file=sys.stderr)
+        if not quiet:
+            print(f"llama2-edu: error: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,10 +1,26 @@
-__version__ = "0.1.0"
 """llama2-edu: Meta's LLaMA 2 in PyTorch, built one idea per chapter.
 
 Every module except this one is exported from the notebooks in `notebooks/`: edit those, then run `nbdev-export`.
+The names below are imported on first use, so `import llama2_edu.model` loads only the model's own modules.
 """
-from llama2_edu.model_file import ModelArgs
-from llama2_edu.model import Transformer
-from llama2_edu.tokenizer import Tokenizer, SentencePieceTokenizer, BPETokenizer, load_tokenizer, fetch_llama2_vocab
-from llama2_edu.checkpoint import load_checkpoint, default_device, default_dtype
-from llama2_edu.generation import Llama, load, sample_top_p
+__version__ = "0.1.0"
+
+_EXPORTS = {  # name -> the module that defines it
+    "ModelArgs": "model_file", "Llama2EduError": "model_file", "Transformer": "model",
+    "Tokenizer": "tokenizer", "SentencePieceTokenizer": "tokenizer", "BPETokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer", "fetch_llama2_vocab": "tokenizer",
+    "load_checkpoint": "checkpoint", "default_device": "checkpoint", "default_dtype": "checkpoint",
+    "Llama": "generation", "load": "generation", "sample_top_p": "generation",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'llama2_edu' has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(f"llama2_edu.{_EXPORTS[name]}"), name)
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

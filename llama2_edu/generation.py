@@ -169,50 +169,54 @@ class Llama:
                                  "shorten it, or load the model with a larger max_seq_len.")
 
     def _batch(self, prompt_tokens: List[List[int]], max_gen_len: int):
-        "Meta's batch layout: prompts left-aligned in `tokens` (bsz, total_len), and a mask of the prompt positions."
+        """The batch layout: prompts right-aligned in `tokens` (bsz, total_len), all ending at `prompt_end`, the
+        longest prompt's length; `pad` (bsz, total_len) is True at the left padding of shorter prompts (or None)."""
         device = self.device
         prompt_lens = torch.tensor([len(t) for t in prompt_tokens], device=device)  # (bsz,)
-        total_len = min(self.model.params.max_seq_len, max_gen_len + int(prompt_lens.max()))
-        tokens = torch.zeros((len(prompt_tokens), total_len), dtype=torch.long, device=device)  # padding: never fed to the model
+        prompt_end = int(prompt_lens.max())
+        total_len = min(self.model.params.max_seq_len, max_gen_len + prompt_end)
+        tokens = torch.zeros((len(prompt_tokens), total_len), dtype=torch.long, device=device)
         for k, t in enumerate(prompt_tokens):
-            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-        input_text_mask = torch.arange(total_len, device=device) < prompt_lens[:, None]  # (bsz, total_len): prompt?
-        return tokens, input_text_mask
+            tokens[k, prompt_end - len(t) : prompt_end] = torch.tensor(t, dtype=torch.long, device=device)
+        pad = torch.arange(total_len, device=device) < (prompt_end - prompt_lens)[:, None]  # (bsz, total_len)
+        return tokens, (pad if bool(pad.any()) else None), prompt_end
 
-    def _decode_steps(self, tokens, input_text_mask, temperature, top_p, top_k, generator):
-        """Meta's decoding loop: fill `tokens` in place from the end of the shortest prompt, one position per step,
-        keeping prompt tokens where a longer prompt still has them; yield `(prev_pos, cur_pos, logits)` after each
-        step, until every sequence has produced EOS or `tokens` is full."""
+    def _decode_steps(self, tokens, pad, prompt_end, temperature, top_p, top_k, generator, all_logits=False,
+                      ignore_eos=False):
+        """The decoding loop: one forward pass over every prompt in full (the prefill), then one position per
+        step, filling `tokens` in place; yield `(prev_pos, cur_pos, logits)` after each step, until every sequence
+        has produced EOS (unless `ignore_eos`) or `tokens` is full. Logits are those of the last position only,
+        unless `all_logits`."""
         eos_reached = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         prev_pos = 0
-        for cur_pos in range(int(input_text_mask.sum(1).min()), tokens.shape[1]):
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (bsz, cur_pos - prev_pos, vocab)
+        for cur_pos in range(prompt_end, tokens.shape[1]):
+            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not all_logits,
+                                        pad=None if pad is None else pad[:, :cur_pos])  # (bsz, seqlen or 1, vocab)
             next_token = sample_next(logits[:, -1], temperature, top_p, top_k, generator)  # (bsz,)
-            # only replace the token if the prompt has already been consumed
-            next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
-            eos_reached |= ~input_text_mask[:, cur_pos] & (next_token == self.tokenizer.eos_id)
+            eos_reached |= next_token == self.tokenizer.eos_id
             yield prev_pos, cur_pos, logits
             prev_pos = cur_pos
-            if eos_reached.all():
+            if not ignore_eos and eos_reached.all():
                 break
 
     @torch.inference_mode()
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6, top_p: float = 0.9,
                  logprobs: bool = False, echo: bool = False, *, top_k: Optional[int] = None,
-                 seed: Optional[int] = None) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
-        "Meta's batched decoding loop: continue each prompt (a list of token ids) until EOS or `max_gen_len` tokens."
+                 seed: Optional[int] = None, ignore_eos: bool = False) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Meta's batched decoding loop: continue each prompt (a list of token ids) until EOS or `max_gen_len` tokens
+        (exactly `max_gen_len`, EOS included, with `ignore_eos=True`, as benchmarks want)."""
         self._check_prompts(prompt_tokens)
         check_sampling(temperature, top_p, top_k, max_gen_len)
         eos_id = self.tokenizer.eos_id
-        tokens, input_text_mask = self._batch(prompt_tokens, max_gen_len)
+        tokens, pad, prompt_end = self._batch(prompt_tokens, max_gen_len)
         token_logprobs = torch.zeros(tokens.shape, dtype=torch.float, device=tokens.device) if logprobs else None
 
-        if min(map(len, prompt_tokens)) == tokens.shape[1]:  # nothing to generate: score the prompts
-            logits = self.model.forward(tokens, 0)
-            if logprobs:
-                token_logprobs[:, 1:] = -F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
-        steps = self._decode_steps(tokens, input_text_mask, temperature, top_p, top_k, self._generator(seed))
+        if prompt_end == tokens.shape[1] and logprobs:  # nothing to generate: score the prompts
+            logits = self.model.forward(tokens, 0, pad=pad)
+            token_logprobs[:, 1:] = -F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+        steps = self._decode_steps(tokens, pad, prompt_end, temperature, top_p, top_k, self._generator(seed),
+                                   all_logits=logprobs, ignore_eos=ignore_eos)
         for prev_pos, cur_pos, logits in steps:
             if logprobs:  # logits at positions prev_pos.. predict the tokens at prev_pos + 1..
                 token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
@@ -221,16 +225,29 @@ class Llama:
         out_tokens, out_logprobs = [], []
         token_logprobs = token_logprobs.tolist() if logprobs else None
         for i, toks in enumerate(tokens.tolist()):
-            prompt_len = len(prompt_tokens[i])
-            start = 0 if echo else prompt_len
-            toks = toks[start : prompt_len + max_gen_len]  # cut to max_gen_len
-            probs = token_logprobs[i][start : prompt_len + max_gen_len] if logprobs else None
-            generated = toks[prompt_len - start :]
-            if eos_id in generated:  # cut at the first EOS the model wrote (not at one inside the prompt)
-                end = prompt_len - start + generated.index(eos_id)
+            first = prompt_end - len(prompt_tokens[i])  # where this prompt starts, after its padding
+            start = first if echo else prompt_end
+            toks = toks[start : prompt_end + max_gen_len]  # cut to max_gen_len
+            probs = token_logprobs[i][start : prompt_end + max_gen_len] if logprobs else None
+            if logprobs and echo:
+                probs[0] = 0.0  # the first token of a sequence has no log-probability: 0, as in Meta's code
+            generated = toks[prompt_end - start :]
+            if eos_id in generated and not ignore_eos:  # cut at the first EOS the model wrote (not in the prompt)
+                end = prompt_end - start + generated.index(eos_id)
                 toks, probs = toks[:end], probs[:end] if logprobs else None
             out_tokens.append(toks)
             out_logprobs.append(probs)
+        return out_tokens, out_logprobs if logprobs else None
+
+    def _generate_all(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo=False, **kw):
+        "`generate` on any number of prompts: `max_batch_size` at a time (chunk k seeded with seed + k)."
+        size, seed = self.model.params.max_batch_size, kw.pop("seed", None)
+        out_tokens, out_logprobs = [], []
+        for k in range(0, max(len(prompt_tokens), 1), size):
+            toks, probs = self.generate(prompt_tokens[k : k + size], max_gen_len, temperature, top_p, logprobs, echo,
+                                        seed=None if seed is None else seed + k // size, **kw)
+            out_tokens += toks
+            out_logprobs += probs or []
         return out_tokens, out_logprobs if logprobs else None
 
     def encode_prompt(self, prompt: str) -> List[int]:
@@ -267,27 +284,29 @@ class Llama:
 
     def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False, *,
-                        top_k: Optional[int] = None, seed: Optional[int] = None) -> List[CompletionPrediction]:
-        "Meta's `text_completion`: continue each prompt; one dict per prompt with its `generation`."
+                        top_k: Optional[int] = None, seed: Optional[int] = None,
+                        ignore_eos: bool = False) -> List[CompletionPrediction]:
+        "Meta's `text_completion`: continue each prompt (any number: `max_batch_size` at a time); one dict per prompt."
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings: write text_completion([prompt]).")
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.encode_prompt(x) for x in prompts]
-        generation_tokens, generation_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p,
-                                                               logprobs, echo, top_k=top_k, seed=seed)
+        generation_tokens, generation_logprobs = self._generate_all(prompt_tokens, max_gen_len, temperature, top_p,
+                                                                    logprobs, echo, top_k=top_k, seed=seed,
+                                                                    ignore_eos=ignore_eos)
         return self._predictions(generation_tokens, generation_logprobs)
 
     def chat_completion(self, dialogs: List[Dialog], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: Optional[int] = None, logprobs: bool = False, *,
                         top_k: Optional[int] = None, seed: Optional[int] = None) -> List[ChatPrediction]:
-        "Meta's `chat_completion`: the assistant's next message for each dialog, in the checkpoint's chat format."
+        "Meta's `chat_completion`: the assistant's next message for each dialog (any number), in its chat format."
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.encode_dialog(dialog) for dialog in dialogs]
         unsafe = [self.is_unsafe(dialog) for dialog in dialogs]
-        generation_tokens, generation_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p,
-                                                               logprobs, top_k=top_k, seed=seed)
+        generation_tokens, generation_logprobs = self._generate_all(prompt_tokens, max_gen_len, temperature, top_p,
+                                                                    logprobs, top_k=top_k, seed=seed)
         return self._predictions(generation_tokens, generation_logprobs, unsafe=unsafe,
                                  wrap=lambda text: {"role": "assistant", "content": text})
 
@@ -298,8 +317,8 @@ def _generate_stream(self: Llama, prompt_tokens: List[int], max_gen_len: int, te
     "Yield the token ids `generate` would produce for one prompt, one at a time, as soon as each is sampled."
     self._check_prompts([prompt_tokens])
     check_sampling(temperature, top_p, top_k, max_gen_len)
-    tokens, input_text_mask = self._batch([prompt_tokens], max_gen_len)  # (1, total_len)
-    for _, cur_pos, _ in self._decode_steps(tokens, input_text_mask, temperature, top_p, top_k, self._generator(seed)):
+    tokens, pad, prompt_end = self._batch([prompt_tokens], max_gen_len)  # (1, total_len), no padding
+    for _, cur_pos, _ in self._decode_steps(tokens, pad, prompt_end, temperature, top_p, top_k, self._generator(seed)):
         token = tokens[0, cur_pos].item()
         if token == self.tokenizer.eos_id:
             return
@@ -344,9 +363,15 @@ Llama.stream = _stream
 
 # %% ../notebooks/09_generation.ipynb #6904470f
 def load(source=None, *, tokenizer_path=None, device=None, dtype=None, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
-         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, seed: Optional[int] = None) -> Llama:
+         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, seed: Optional[int] = None, quantize="auto") -> Llama:
     """Load a model ready to generate: `source` None is the embedded SmolLM2-135M; else a Meta or Hugging Face
-    checkpoint directory, a `.gguf` file or a Hugging Face hub id. Device and dtype default to the best available."""
+    checkpoint directory, a `.gguf` file or a Hugging Face hub id. Device and dtype default to the best available.
+    `quantize` (chapter 11): 'auto' runs a GGUF file at its own precision and other checkpoints in bf16, unless
+    `dtype` is given (then: plain layers in that dtype); 'int8' or 'int4' quantizes the weights; None: plain layers."""
+    from llama2_edu.quantize import load_plan, quantize_model  # chapter 11
+    mode, dtype, reader = load_plan(source, quantize, device, dtype)
     model, tokenizer = load_checkpoint(source, tokenizer_path=tokenizer_path, device=device, dtype=dtype,
                                        max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    if mode is not None:
+        quantize_model(model, mode, reader, dtype=dtype)
     return Llama(model, tokenizer, seed=seed)

@@ -234,7 +234,7 @@ def test_errors(llama):
     with pytest.raises(ValueError, match=f"more than max_seq_len={max_seq_len}"):
         llama.generate([[1] * (max_seq_len + 1)], max_gen_len=4)
     with pytest.raises(ValueError, match=f"more than max_batch_size={max_batch_size}"):
-        llama.text_completion(["a"] * (max_batch_size + 1), max_gen_len=4)
+        llama.generate([[1]] * (max_batch_size + 1), max_gen_len=4)  # text_completion runs them in chunks
     with pytest.raises(ValueError, match="Prompt 1 is empty"):
         llama.text_completion(["a", ""], max_gen_len=4)  # the embedded model adds no BOS: "" has no tokens
     with pytest.raises(ValueError, match="No prompts"):
@@ -250,3 +250,53 @@ def test_errors(llama):
             llama.text_completion(["a"], **{"max_gen_len": 4, **kw})
         with pytest.raises(ValueError, match=match):
             list(llama.stream("a", **{"max_gen_len": 4, **kw}))
+
+
+# --- the fast generation loop (chapter 11): one-pass ragged prefill, last-position logits, chunks, ignore_eos ----
+
+class CountingModel:
+    "A model that counts its forward passes (and the positions they read) and otherwise is `model`."
+    def __init__(self, model):
+        self.model, self.calls, self.positions = model, 0, 0
+
+    def forward(self, tokens, start_pos, **kw):
+        self.calls += 1
+        self.positions += tokens.numel()
+        return self.model.forward(tokens, start_pos, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def test_ragged_batch_is_prefilled_in_one_pass_and_equals_one_by_one(llama):
+    short, long = llama.encode_prompt("Hi"), llama.encode_prompt(" ".join(["word"] * 60) + ". The capital of France is")
+    counting = Llama(CountingModel(llama.model), llama.tokenizer)
+    batched, _ = counting.generate([short, long], max_gen_len=6, temperature=0, ignore_eos=True)
+    assert counting.model.calls == 6  # one prefill + 5 decoding steps, not one step per token of the longer prompt
+    assert batched == [llama.generate([t], max_gen_len=6, temperature=0, ignore_eos=True)[0][0] for t in (short, long)]
+
+
+def test_last_position_logits_equal_the_full_forward(llama):
+    tokens = torch.tensor([llama.encode_prompt(PROMPTS[1])[:5], llama.encode_prompt(PROMPTS[2])[:5]])
+    full = llama.model.forward(tokens, 0)
+    last = llama.model.forward(tokens, 0, last_only=True)
+    assert last.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-4, atol=1e-4)
+
+
+def test_more_prompts_than_max_batch_size_run_in_chunks(llama):
+    prompts = [f"Number {i} is" for i in range(2 * llama.args.max_batch_size + 1)]
+    results = llama.text_completion(prompts, temperature=0, max_gen_len=3)
+    assert [r["generation"] for r in results] == [llama.text_completion([p], temperature=0, max_gen_len=3)[0]["generation"]
+                                                 for p in prompts]
+    dialogs = [[{"role": "user", "content": p}] for p in prompts]
+    assert len(llama.chat_completion(dialogs, temperature=0, max_gen_len=2)) == len(prompts)
+
+
+def test_ignore_eos_decodes_exactly_max_gen_len_tokens(llama):
+    ids = llama.encode_prompt(PROMPTS[1])
+    (free,), _ = llama.generate([ids], max_gen_len=8, temperature=0)
+    stopping = Llama(llama.model, EosAt(llama.tokenizer, free[0]))  # EOS is the very first token it writes
+    assert stopping.generate([ids], max_gen_len=8, temperature=0)[0] == [[]]
+    (kept,), _ = stopping.generate([ids], max_gen_len=8, temperature=0, ignore_eos=True)
+    assert kept == free and len(kept) == 8

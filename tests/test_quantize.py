@@ -1,0 +1,137 @@
+"""Quantized weights (chapter 11): int8/int4 layers against a dequantized reference matmul, GGUF's Q4_0/Q4_1 blocks
+mapped exactly onto the int4 layout, load()'s precision choices, and the fast path against the plain fp32 path."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as GGML
+from gguf.quants import dequantize, quantize
+
+from llama2_edu.generation import Llama, load
+from llama2_edu.model_file import embedded_model_path
+from llama2_edu.quantize import (Int4Linear, Int8Linear, dequantize_int4, gguf_int4, inner_k_tiles, load_plan,
+                                 pack_int4_cuda, quantize_int4, quantize_int8, quantize_model)
+from llama2_edu.tokenizer import tokenizer_from_gguf
+
+TEXT = ("The history of the city goes back more than two thousand years. It was founded on the banks of a wide river, "
+        "where traders from the north met farmers from the south. Over the centuries it grew into a busy port, then "
+        "into the capital of a small kingdom, and finally into the large and crowded city that we know today. Its old "
+        "streets are narrow and winding, and many of its houses were built of the grey stone that is still quarried "
+        "in the hills nearby. Every summer, visitors come to see the cathedral, walk along the river and eat in the "
+        "small restaurants of the market square.")
+
+
+@pytest.mark.parametrize("shape", [(1536, 576), (576, 1536), (192, 576)])
+def test_int8_layer_is_a_matmul_with_the_dequantized_weights(shape):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(*shape, generator=gen) * 0.02
+    q, scales = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-7).all()  # half a step at most
+    layer = Int8Linear(q, scales)
+    x = torch.randn(2, 3, shape[1], generator=gen).bfloat16()
+    reference = x.float() @ (q.float() * layer.scales.float()[:, None]).T
+    for y in (layer(x), layer.forward_fused(x)):  # the CPU kernel and the GPU formula
+        assert y.shape == (2, 3, shape[0]) and y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), reference, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("shape, groupsize", [((1536, 576), 32), ((576, 1536), 64), ((192, 576), 32)])
+def test_int4_layer_is_a_matmul_with_the_dequantized_weights(shape, groupsize):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(*shape, generator=gen) * 0.02
+    q, scales, zeros = quantize_int4(w, groupsize)
+    assert q.min() >= 0 and q.max() <= 15
+    assert ((dequantize_int4(q, scales, zeros) - w).abs() <= scales.repeat_interleave(groupsize, 1) / 2 + 1e-6).all()
+    layer = Int4Linear(q, scales, zeros, groupsize)
+    sz = layer.scales_and_zeros.float()  # (n_groups, out_features, 2), rounded to bf16 as the kernel sees them
+    x = torch.randn(5, shape[1], generator=gen).bfloat16()
+    reference = x.float() @ dequantize_int4(q, sz[..., 0].T, sz[..., 1].T).T
+    torch.testing.assert_close(layer(x).float(), reference, rtol=2e-2, atol=2e-2)
+
+
+def test_cuda_int4_packing_and_tiling():
+    q = torch.randint(0, 16, (8, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(2))
+    packed = pack_int4_cuda(q)
+    assert packed.shape == (8, 32) and packed.dtype == torch.uint8
+    assert torch.equal((packed >> 4).int(), q[:, ::2]) and torch.equal((packed & 0xF).int(), q[:, 1::2])
+    assert [inner_k_tiles(k) for k in (4096, 576, 1536, 11008, 96)] == [8, 4, 8, 8, 2]
+    with pytest.raises(ValueError, match="multiple of 32"):
+        inner_k_tiles(40)
+
+
+@pytest.mark.parametrize("kind", [GGML.Q4_0, GGML.Q4_1])
+def test_gguf_q4_blocks_map_exactly_onto_int4_groups(kind):
+    w = np.random.default_rng(3).standard_normal((16, 96)).astype(np.float32)
+    t = SimpleNamespace(name="w", tensor_type=kind, data=quantize(w, kind))
+    q, scales, zeros = gguf_int4(t)
+    assert q.shape == (16, 96) and scales.shape == zeros.shape == (16, 3)
+    assert torch.equal(dequantize_int4(q, scales, zeros), torch.from_numpy(dequantize(t.data, kind)))
+    if kind == GGML.Q4_0:
+        assert not zeros.any()
+
+
+def test_embedded_file_q4_1_weights_kept_bit_for_bit(embedded_reader):
+    from llama2_edu.model_file import gguf_tensor
+    q4 = [t for t in embedded_reader.tensors if t.tensor_type == GGML.Q4_1]
+    assert len(q4) == 210
+    for t in q4[:: 30]:
+        assert torch.equal(dequantize_int4(*gguf_int4(t)), gguf_tensor(t)), t.name
+    with pytest.raises(ValueError, match="not Q4_0 or Q4_1"):
+        gguf_int4(next(t for t in embedded_reader.tensors if t.tensor_type == GGML.Q8_0))
+
+
+def test_load_plan(tmp_path):
+    gguf = embedded_model_path()
+    mode, dtype, reader = load_plan(None, "auto", "cpu", None)
+    assert (mode, dtype) == ("gguf", torch.bfloat16) and reader is not None
+    assert load_plan(gguf, "auto", "cpu", torch.float32) == (None, torch.float32, None)  # explicit dtype: plain
+    assert load_plan(gguf, None, "cpu", None) == (None, None, None)                      # loader's default (fp32)
+    assert load_plan(gguf, "int8", "cpu", None)[:2] == ("int8", torch.bfloat16)
+    (tmp_path / "params.json").write_text("{}")
+    assert load_plan(tmp_path, "auto", "cpu", None) == (None, torch.bfloat16, None)      # Meta weights: bf16
+    assert load_plan(tmp_path, "int4", "cpu", None) == ("int4", torch.bfloat16, None)
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        load_plan(tmp_path, "gguf", "cpu", None)
+    with pytest.raises(ValueError, match="quantize='int3' is not supported"):
+        load_plan(gguf, "int3", "cpu", None)
+
+
+@pytest.fixture(scope="module")
+def fast():
+    "The default load(): the embedded file at its own precision (int4 blocks, int8 head, bf16 activations)."
+    return load(device="cpu", max_seq_len=512, max_batch_size=4)
+
+
+def test_default_load_keeps_the_file_precision(fast):
+    layers = fast.model.layers
+    assert all(isinstance(getattr(b.attention, n), Int4Linear) for b in layers for n in ("wq", "wk", "wv", "wo"))
+    assert all(isinstance(getattr(b.feed_forward, n), Int4Linear) for b in layers for n in ("w1", "w2", "w3"))
+    assert isinstance(fast.model.output, Int8Linear)              # the tied head, from the Q8_0 embedding
+    assert fast.model.tok_embeddings.weight.dtype == torch.bfloat16
+
+
+def test_fast_path_agrees_with_the_fp32_path(fast, embedded_model):
+    tokens = torch.tensor([fast.encode_prompt(TEXT)])
+    reference = torch.log_softmax(embedded_model.forward(tokens, 0)[0], -1)  # (seqlen, vocab) fp32
+    ours = torch.log_softmax(fast.model.forward(tokens, 0)[0], -1)
+    agreement = (reference.argmax(-1) == ours.argmax(-1)).float().mean().item()
+    kl = (reference.exp() * (reference - ours)).sum(-1).mean().item()
+    print(f"top-1 agreement {agreement:.3f}, KL(fp32 || fast) {kl:.4f} nats over {tokens.shape[1]} positions")
+    assert agreement >= 0.95 and kl < 0.05
+
+
+def test_generation_on_the_fast_path(fast):
+    prompts = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a land far away, there"]
+    batched = fast.text_completion(prompts, temperature=0, max_gen_len=8)
+    for p, r in zip(prompts, batched):
+        assert r["generation"] == fast.text_completion([p], temperature=0, max_gen_len=8)[0]["generation"]
+        assert "".join(fast.stream(p, temperature=0, max_gen_len=8)) == r["generation"]
+
+
+def test_quantize_model_refuses_bad_modes(embedded_reader):
+    with pytest.raises(ValueError, match="quantize='fp8' is not supported"):
+        quantize_model(torch.nn.Module(), "fp8")
+    with pytest.raises(ValueError, match="pass the file's reader"):
+        quantize_model(torch.nn.Module(), "gguf")

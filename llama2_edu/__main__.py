@@ -48,7 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random seed: the same seed gives the same sampled text (default: a different draw each run)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), metavar="DTYPE",
-                   help="float32, bfloat16 or float16 (or fp32, bf16, fp16): the weights' dtype (default: bfloat16 on recent GPUs, float16 on older ones, float32 on the CPU)")
+                   help="float32, bfloat16 or float16 (or fp32, bf16, fp16): the weights' dtype; with the default "
+                        "--quantize auto, giving a dtype asks for plain (unquantized) layers in it (--dtype fp32: the "
+                        "exact model of the book's chapters)")
+    p.add_argument("--quantize", default="auto", choices=["auto", "int8", "int4", "gguf", "none"],
+                   help="weight precision: auto runs a .gguf file at its own precision (the embedded model: 4-bit) "
+                        "and other checkpoints in bf16 (fp16 on older GPUs); int8 or int4 quantizes the weights; "
+                        "none keeps plain layers in --dtype (default: %(default)s)")
     p.add_argument("--chat", action="store_true",
                    help="treat the prompt as a user message in the model's chat format and print the answer")
     p.add_argument("--system", metavar="TEXT", default=None, help="with --chat: a system prompt")
@@ -111,7 +117,8 @@ def main(argv=None) -> int:
         check_sampling(args.temperature, args.top_p, args.top_k, args.max_gen_len)
         dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
         llama = load(args.ckpt, tokenizer_path=args.tokenizer, device=args.device, dtype=dtype,
-                     max_seq_len=args.max_seq_len, max_batch_size=1)
+                     max_seq_len=args.max_seq_len, max_batch_size=1,
+                     quantize=None if args.quantize == "none" else args.quantize)
         sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                         max_gen_len=args.max_gen_len)
         if args.chat:

@@ -19,8 +19,16 @@ def run(*args, input=None):
 
 
 @pytest.fixture(scope="module")
-def expected(embedded_model, embedded_reader):
-    "The greedy completion of PROMPT, computed in this process with the library."
+def expected():
+    "The greedy completion of PROMPT, computed in this process with the library's default load() (the CLI's)."
+    from llama2_edu.generation import load
+    llama = load(device="cpu", max_batch_size=1)
+    return llama.text_completion([PROMPT], temperature=0, max_gen_len=6)[0]["generation"]
+
+
+@pytest.fixture(scope="module")
+def expected_fp32(embedded_model, embedded_reader):
+    "The same with the plain fp32 model of chapters 7-10."
     llama = Llama(embedded_model, tokenizer_from_gguf(embedded_reader))
     return llama.text_completion([PROMPT], temperature=0, max_gen_len=6)[0]["generation"]
 
@@ -29,7 +37,7 @@ def test_help_explains_every_option():
     out = run("--help")
     assert out.returncode == 0
     for option in ("--file", "--ckpt", "--tokenizer", "--max-gen-len", "--temperature", "--top-p", "--top-k",
-                   "--seed", "--device", "--dtype", "--chat", "--stream", "fetch-tokenizer"):
+                   "--seed", "--device", "--dtype", "--quantize", "--chat", "--stream", "fetch-tokenizer"):
         assert option in out.stdout
     out = run("fetch-tokenizer", "--help")
     assert out.returncode == 0 and "SentencePiece" in out.stdout
@@ -39,6 +47,12 @@ def test_prompt_as_argument(expected):
     out = run(*ARGS, PROMPT)
     assert out.returncode == 0, out.stderr
     assert out.stdout == expected + "\n"
+
+
+def test_fp32_is_one_option_away(expected_fp32):
+    out = run(*ARGS, "--dtype", "fp32", PROMPT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == expected_fp32 + "\n"
 
 
 def test_prompt_from_stdin_streamed(expected):

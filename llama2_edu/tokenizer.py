@@ -4,12 +4,13 @@
 __all__ = ['TOKEN_NORMAL', 'TOKEN_UNKNOWN', 'TOKEN_CONTROL', 'TOKEN_USER_DEFINED', 'TOKEN_UNUSED', 'TOKEN_BYTE', 'LLAMA3_SPLIT',
            'BPE_PRE_TOKENIZER_SPLITS', 'LLAMA2_VOCAB_PACKAGE', 'LLAMA2_VOCAB_SDIST_SHA256', 'LLAMA2_VOCAB_SDIST_SIZE',
            'LLAMA2_VOCAB_MEMBER', 'LLAMA2_VOCAB_FILES', 'FETCH_COMMAND', 'GGUF_TOKENIZER_MODELS', 'LLAMA2_NAMES',
-           'Tokenizer', 'SentencePieceTokenizer', 'bytes_to_unicode', 'BPETokenizer', 'cache_dir', 'fetch_llama2_vocab',
-           'write_tokenizer_model', 'spm_model_proto', 'tokenizer_from_gguf', 'load_tokenizer']
+           'Tokenizer', 'check_text', 'SentencePieceTokenizer', 'bytes_to_unicode', 'BPETokenizer', 'cache_dir',
+           'fetch_llama2_vocab', 'write_tokenizer_model', 'spm_model_proto', 'tokenizer_from_gguf', 'load_tokenizer']
 
 # %% ../notebooks/01_tokenizers.ipynb #47004414
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,9 @@ import gguf
 import sentencepiece as spm
 import tokenizers
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+from .model_file import (CheckpointError, DownloadError, InputError, InputTypeError,  # chapter 2
+                                   MissingFileError)
 
 # %% ../notebooks/01_tokenizers.ipynb #04941f8d
 class Tokenizer:
@@ -42,8 +46,7 @@ class Tokenizer:
 
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
         "The ids of `s`, after a BOS id if `bos` and before an EOS id if `eos` (Meta's `Tokenizer.encode`)."
-        assert type(s) is str
-        t = self.encode_text(s)
+        t = self.encode_text(check_text(s))
         if bos:
             t = [self.bos_id] + t
         if eos:
@@ -54,15 +57,59 @@ class Tokenizer:
         "The ids of `s` alone: the one thing each kind of tokenizer does its own way."
         raise NotImplementedError
 
+    def encode_markup(self, s: str) -> list[int]:
+        """The ids of text that spells special tokens out (a rendered chat template: `<s>[INST] ...`):
+        each of `special_tokens` written in the text becomes its id, the text between is encoded as usual."""
+        if not self.special_tokens:
+            return self.encode_text(check_text(s))
+        pattern = "(" + "|".join(map(re.escape, sorted(self.special_tokens, key=len, reverse=True))) + ")"
+        ids = []
+        for i, part in enumerate(re.split(pattern, check_text(s))):
+            ids += [self.special_tokens[part]] if i % 2 else self.encode_text(part) if part else []
+        return ids
+
+    def token_texts(self, t: list[int]) -> list[str]:
+        """The text each token adds, read in context, so that the pieces join to `decode(t)` (decoded alone, a
+        SentencePiece token loses its leading space). Half a UTF-8 character waits for the token that ends it."""
+        texts, done = [], ""
+        for i in range(len(t)):
+            text = self.decode(t[: i + 1])
+            if i < len(t) - 1:
+                text = text.rstrip("\ufffd")  # an unfinished character: not final yet
+            new = text[len(done):] if text.startswith(done) else ""
+            texts.append(new)
+            done += new
+        return texts
+
     def decode(self, t: list[int]) -> str:
         raise NotImplementedError
 
     def id_to_piece(self, i: int) -> str:
         raise NotImplementedError
 
+    def check_ids(self, t) -> list[int]:
+        "`t` as a list of ints if every id is a token of this vocabulary, else an InputError naming the first bad one."
+        ids = list(t)
+        for i, x in enumerate(ids):
+            if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < self.n_words:
+                raise InputError(f"Token id {x!r} at position {i} is not in the vocabulary: ids run from 0 to "
+                                 f"{self.n_words - 1} (n_words={self.n_words}).")
+        return ids
+
     def __repr__(self):
         return (f"{type(self).__name__}(n_words={self.n_words}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
                 f"pad_id={self.pad_id}, add_bos={self.add_bos})")
+
+def check_text(s) -> str:
+    "`s` if it is text that can be encoded (a str of valid Unicode), else an error that says what it is."
+    if not isinstance(s, str):
+        raise InputTypeError(f"Cannot encode {s!r}: the text must be a str, not {type(s).__name__}.")
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8, decoded with surrogateescape
+        raise InputError(f"The text is not valid Unicode ({e.reason} at character {e.start}): it was read from "
+                         "bytes that are not UTF-8. Save or pass it as UTF-8.") from None
+    return s
 
 # %% ../notebooks/01_tokenizers.ipynb #1b76d96d
 class SentencePieceTokenizer(Tokenizer):
@@ -74,15 +121,18 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, model_path=None, *, model_proto: Optional[bytes] = None, add_bos: bool = True,
                  chat_template: Optional[str] = None):
         if (model_path is None) == (model_proto is None):
-            raise ValueError("Give exactly one of model_path (a tokenizer.model file) or model_proto (its bytes).")
+            raise InputError("Give exactly one of model_path (a tokenizer.model file) or model_proto (its bytes).")
         if model_path is not None:
             model_path = Path(model_path)
             if not model_path.is_file():
-                raise FileNotFoundError(f"No SentencePiece model at {model_path}: check the path "
-                                        "(Llama 2's is the `tokenizer.model` next to the checkpoint).")
-            self.sp_model = spm.SentencePieceProcessor(model_file=str(model_path))
-        else:
-            self.sp_model = spm.SentencePieceProcessor(model_proto=model_proto)
+                raise MissingFileError(f"No SentencePiece model at {model_path}: check the path "
+                                       "(Llama 2's is the `tokenizer.model` next to the checkpoint).")
+        try:
+            self.sp_model = spm.SentencePieceProcessor(model_file=str(model_path) if model_path else None,
+                                                       model_proto=model_proto)
+        except (RuntimeError, OSError) as e:  # not a serialized ModelProto
+            raise CheckpointError(f"{model_path or 'model_proto'} is not a SentencePiece model ({e}): pass "
+                                  "Llama 2's tokenizer.model (or a .gguf file).") from None
         self.n_words: int = self.sp_model.vocab_size()
         self.bos_id: int = self.sp_model.bos_id()
         self.eos_id: int = self.sp_model.eos_id()
@@ -207,7 +257,7 @@ def _download_sdist(dest: Path) -> Path:
     done = subprocess.run(cmd, capture_output=True, text=True)
     sdists = sorted(dest.glob("llama_cpp_python-*.tar.gz"))
     if done.returncode != 0 or not sdists:
-        raise RuntimeError(f"Downloading {LLAMA2_VOCAB_PACKAGE} from PyPI failed (no registry access, or an "
+        raise DownloadError(f"Downloading {LLAMA2_VOCAB_PACKAGE} from PyPI failed (no registry access, or an "
                            f"interrupted download):\n{done.stderr.strip()[-2000:]}\nRetry with:\n    {FETCH_COMMAND}")
     return sdists[0]
 
@@ -227,10 +277,10 @@ def _extract_vocab(sdist: Path, out_dir: Path) -> None:
     try:
         for name, sha in LLAMA2_VOCAB_FILES.items():
             if name not in found:
-                raise RuntimeError(f"{sdist.name} has no {name}: not the expected {LLAMA2_VOCAB_PACKAGE} sdist. "
+                raise DownloadError(f"{sdist.name} has no {name}: not the expected {LLAMA2_VOCAB_PACKAGE} sdist. "
                                    f"Retry with:\n    {FETCH_COMMAND}")
             if sha is not None and _sha256(found[name]) != sha:
-                raise RuntimeError(f"Checksum mismatch for {name} extracted from {sdist.name}: expected sha256 {sha}, "
+                raise DownloadError(f"Checksum mismatch for {name} extracted from {sdist.name}: expected sha256 {sha}, "
                                    f"got {_sha256(found[name])}. The download is corrupted; retry with:\n    {FETCH_COMMAND}")
         for name, tmp in found.items():
             os.replace(tmp, out_dir / name)  # atomic: a reader sees the old file or the new one, never half of one
@@ -252,6 +302,9 @@ def fetch_llama2_vocab(cache: Optional[Path] = None, *, force: bool = False) -> 
     is fetched again. Messages go to stderr, only when something is downloaded.
     """
     folder = Path(cache or cache_dir()) / "llama-2"
+    if folder.parent.exists() and not folder.parent.is_dir():
+        raise InputError(f"The cache {folder.parent} is a file, not a folder: pass another --cache DIR "
+                         "(or set LLAMA2_EDU_CACHE).")
     path = folder / "ggml-vocab-llama-spm.gguf"
     if not force and _vocab_ok(folder) and (folder / "tokenizer.model").is_file():
         return path
@@ -273,7 +326,7 @@ def write_tokenizer_model(gguf_path, out_path) -> Path:
     "Write the SentencePiece vocabulary of a GGUF file as a standard `tokenizer.model` (atomically)."
     tok = tokenizer_from_gguf(gguf_path)
     if not isinstance(tok, SentencePieceTokenizer):
-        raise ValueError(f"{gguf_path} holds a byte-level BPE vocabulary, not a SentencePiece one.")
+        raise CheckpointError(f"{gguf_path} holds a byte-level BPE vocabulary, not a SentencePiece one.")
     out_path = Path(out_path)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.part")
     tmp.write_bytes(tok.sp_model.serialized_model_proto())
@@ -343,7 +396,7 @@ def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
                             bos_id=get("bos_token_id", -1), eos_id=get("eos_token_id", -1),
                             pad_id=get("padding_token_id", -1), add_bos=get("add_bos_token", False),
                             pre=get("pre"), chat_template=chat_template)
-    raise ValueError(f"Unsupported GGUF tokenizer model {kind!r} (tokenizer.ggml.model): this book reads "
+    raise CheckpointError(f"Unsupported GGUF tokenizer model {kind!r} (tokenizer.ggml.model): this book reads "
                      f"{' and '.join(map(repr, GGUF_TOKENIZER_MODELS))} vocabularies.")
 
 # %% ../notebooks/01_tokenizers.ipynb #39c5ace9
@@ -367,7 +420,7 @@ def load_tokenizer(source=None) -> Tokenizer:
     if isinstance(source, str) and source.lower() in LLAMA2_NAMES:
         return tokenizer_from_gguf(fetch_llama2_vocab())
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"Cannot load a tokenizer from {source!r}: give {accepted}.")
+        raise InputTypeError(f"Cannot load a tokenizer from {source!r}: give {accepted}.")
     path = Path(source).expanduser()
     if path.is_dir():
         for candidate in (path / "tokenizer.model", path.parent / "tokenizer.model"):
@@ -376,9 +429,9 @@ def load_tokenizer(source=None) -> Tokenizer:
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return tokenizer_from_gguf(ggufs[0])
-        raise FileNotFoundError(f"No tokenizer in the directory {path}: expected {accepted}.")
+        raise MissingFileError(f"No tokenizer in the directory {path}: expected {accepted}.")
     if path.is_file():
         with open(path, "rb") as f:
             is_gguf = f.read(4) == b"GGUF"
         return tokenizer_from_gguf(path) if is_gguf else SentencePieceTokenizer(path)
-    raise FileNotFoundError(f"No tokenizer at {source!r}: no such file or directory. Give {accepted}.")
+    raise MissingFileError(f"No tokenizer at {source!r}: no such file or directory. Give {accepted}.")

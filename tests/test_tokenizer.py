@@ -36,10 +36,6 @@ def hf_tokenizer(hf_embedded):
     return hf_embedded[1]
 
 
-def test_enough_strings():
-    assert len(STRINGS) >= 50 and len(set(STRINGS)) == len(STRINGS)
-
-
 @pytest.mark.parametrize("s", STRINGS)
 def test_bpe_matches_transformers(bpe, hf_tokenizer, s):
     assert bpe.encode(s, bos=False, eos=False) == hf_tokenizer.encode(s, add_special_tokens=False)
@@ -104,13 +100,60 @@ def sp_model_file(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("s", STRINGS[:30] + ["cheese => fromage", " leading", "🦙 byte fallback"])
-def test_sentencepiece_matches_sentencepiece(sp_model_file, s):
-    ours = SentencePieceTokenizer(sp_model_file)
-    sp = spm.SentencePieceProcessor(model_file=str(sp_model_file))
-    assert ours.encode(s, bos=True, eos=False) == [sp.bos_id()] + sp.encode(s)
-    assert ours.encode(s, bos=False, eos=True) == sp.encode(s) + [sp.eos_id()]
-    assert ours.decode(ours.encode(s, bos=True, eos=True)) == sp.decode(sp.encode(s)) == s
+def test_sentencepiece_wrapper_adds_bos_eos_once(sp_model_file):
+    "What the wrapper itself adds to sentencepiece: BOS/EOS only when asked, each once, never from the text."
+    tok = SentencePieceTokenizer(sp_model_file)
+    body = tok.encode("cheese => fromage", bos=False, eos=False)
+    assert body and tok.bos_id not in body and tok.eos_id not in body
+    assert tok.encode("cheese => fromage", bos=True, eos=True) == [tok.bos_id] + body + [tok.eos_id]
+    assert tok.encode("", bos=True, eos=False) == [tok.bos_id]
+    assert tok.bos_id not in tok.encode("<s> text", bos=False, eos=False)  # "<s>" in plain text is characters
+
+
+def test_sentencepiece_pieces_and_byte_fallback_decode(sp_model_file):
+    tok = SentencePieceTokenizer(sp_model_file)
+    ids = tok.encode(" leading 🦙", bos=False, eos=False)
+    pieces = [tok.id_to_piece(i) for i in ids]
+    assert pieces[0].startswith("\u2581")  # the dummy prefix: a word-initial space is part of the piece
+    assert pieces[-4:] == ["<0xF0>", "<0x9F>", "<0xA6>", "<0x99>"]  # the llama is not in the vocabulary: bytes
+    assert tok.decode(ids) == " leading 🦙"
+
+
+def test_encode_markup_turns_special_tokens_written_as_text_into_ids(sp_model_file):
+    tok = SentencePieceTokenizer(sp_model_file)
+    assert tok.encode_markup("<s>cheese</s><s>sea") == ([1] + tok.encode_text("cheese") + [2, 1]
+                                                       + tok.encode_text("sea"))
+    assert 1 not in tok.encode_text("<s>cheese")  # plain encoding keeps them as characters
+
+
+def test_token_texts_keep_sentencepiece_spaces(sp_model_file):
+    tok = SentencePieceTokenizer(sp_model_file)
+    ids = tok.encode("cheese => fromage 🦙", bos=False, eos=False)
+    texts = tok.token_texts(ids)
+    assert "".join(texts) == tok.decode(ids) == "cheese => fromage 🦙"
+    assert "".join(tok.decode([i]) for i in ids) != tok.decode(ids)  # decoded one by one, the spaces go
+
+
+def test_check_ids_names_the_bad_id(sp_model_file):
+    tok = SentencePieceTokenizer(sp_model_file)
+    assert tok.check_ids([0, 5, 319]) == [0, 5, 319]
+    with pytest.raises(ValueError, match="Token id 320 at position 1 is not in the vocabulary.*0 to 319"):
+        tok.check_ids([5, 320])
+    with pytest.raises(ValueError, match="Token id -1 at position 0"):
+        tok.check_ids([-1])
+
+
+def test_encode_refuses_what_is_not_text(bpe):
+    with pytest.raises(TypeError, match="must be a str, not NoneType"):
+        bpe.encode(None, bos=False, eos=False)
+    with pytest.raises(ValueError, match="not valid Unicode.*not UTF-8"):
+        bpe.encode("caf\udce9", bos=False, eos=False)  # b"caf\xe9" decoded with surrogateescape
+
+
+def test_not_a_sentencepiece_model(tmp_path):
+    (tmp_path / "tokenizer.model").write_text("not a model")
+    with pytest.raises(ValueError, match="tokenizer.model is not a SentencePiece model"):
+        SentencePieceTokenizer(tmp_path / "tokenizer.model")
 
 
 def test_sentencepiece_llama_conventions(sp_model_file):

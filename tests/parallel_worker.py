@@ -1,0 +1,42 @@
+"""Run by tests/test_parallel.py under `torchrun --nproc_per_node N`: every rank loads each checkpoint named in the
+spec with `llama2_edu.load`, as a user would, and saves what it computed to `{out}/{name}.rank{R}.pt`.
+
+    torchrun --standalone --nproc_per_node 2 tests/parallel_worker.py SPEC.json
+"""
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+import llama2_edu
+from llama2_edu.parallel import parameter_bytes
+
+TOKENS = torch.tensor([[1, 5, 77, 200, 13, 9, 31, 383], [1, 300, 2, 64, 64, 8, 120, 3]])
+PROMPTS = [[1, 5, 77, 200], [1, 300, 2, 64, 64, 8]]
+
+
+def run(name: str, ckpt: str, out: str):
+    try:
+        llama = llama2_edu.load(ckpt, device="cpu", dtype=torch.float32, max_seq_len=64, max_batch_size=2)
+    except ValueError as e:  # a model these ranks cannot split: every rank must say so
+        torch.save(dict(error=str(e)), f"{out}/{name}.rank{dist.get_rank()}.pt")
+        return
+    model = llama.model
+    result = dict(
+        logits=model(TOKENS, 0),                                          # a prefill ...
+        step=model(torch.tensor([[7], [11]]), TOKENS.shape[1]),           # ... and one decoding step after it
+        greedy=llama.generate(PROMPTS, max_gen_len=8, temperature=0)[0],
+        sampled=llama.generate(PROMPTS, max_gen_len=8, temperature=1.0, top_p=0.95)[0],  # torch's global RNG
+        seeded=llama.generate(PROMPTS, max_gen_len=8, temperature=1.0, seed=1234)[0],
+        parameter_bytes=parameter_bytes(model),
+        cache_shape=tuple(model.layers[0].attention.cache.cache_k.shape),
+        device=str(llama.device),
+    )
+    torch.save(result, f"{out}/{name}.rank{dist.get_rank()}.pt")
+
+
+if __name__ == "__main__":
+    spec = json.loads(open(sys.argv[1]).read())
+    for name, ckpt in spec["checkpoints"].items():
+        run(name, ckpt, spec["out"])

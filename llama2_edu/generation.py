@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, load_checkpoint
+from .checkpoint import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, check_device,
+                                   load_checkpoint)
 from .model import Transformer
-from .model_file import ModelArgs
+from .model_file import InputError, InputTypeError, ModelArgs, check_int
 from .tokenizer import Tokenizer
 
 # %% auto #0
@@ -41,20 +43,22 @@ def top_k_logits(logits: torch.Tensor, k: Optional[int]) -> torch.Tensor:
 # %% ../notebooks/09_generation.ipynb #3b3989d1
 def check_sampling(temperature: float, top_p: float, top_k: Optional[int] = None, max_gen_len: Optional[int] = None):
     "Raise a ValueError naming the bad sampling parameter and its valid range."
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature={temperature!r} is invalid: use a number >= 0 (0 means greedy decoding).")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p={top_p!r} is invalid: use a probability in (0, 1] (1 keeps every token).")
-    if top_k is not None and not (isinstance(top_k, int) and top_k >= 0):
-        raise ValueError(f"top_k={top_k!r} is invalid: use an integer >= 1, or 0/None to keep every token.")
-    if max_gen_len is not None and not (isinstance(max_gen_len, int) and max_gen_len >= 0):
-        raise ValueError(f"max_gen_len={max_gen_len!r} is invalid: use an integer >= 0.")
+    real = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool)
+    if not (real(temperature) and math.isfinite(temperature) and temperature >= 0):
+        raise InputError(f"temperature={temperature!r} is invalid: use a number >= 0 (0 means greedy decoding).")
+    if not (real(top_p) and 0 < top_p <= 1):
+        raise InputError(f"top_p={top_p!r} is invalid: use a probability in (0, 1] (1 keeps every token).")
+    if top_k is not None:
+        check_int("top_k", top_k, minimum=0)  # 0 keeps every token
+    if max_gen_len is not None:
+        check_int("max_gen_len", max_gen_len, minimum=0)
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.6, top_p: float = 0.9, top_k: Optional[int] = None,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
     "The next token (bsz,) from last-position logits (bsz, vocab_size): argmax if temperature is 0, else sampled."
     if temperature == 0:
         return torch.argmax(logits, dim=-1)
+    logits = logits - logits.amax(dim=-1, keepdim=True)  # the best is 0: a tiny temperature cannot overflow
     probs = torch.softmax(top_k_logits(logits / temperature, top_k), dim=-1)  # (bsz, vocab_size)
     return sample_top_p(probs, top_p, generator).reshape(-1)
 
@@ -83,15 +87,22 @@ SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
 UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 
 def check_dialog(dialog: Dialog) -> Dialog:
-    "Raise a ValueError unless `dialog` is [system?], user, assistant, user, ..., user."
+    "Raise an error naming the problem unless `dialog` is a list of messages [system?], user, assistant, ..., user."
+    if isinstance(dialog, (str, dict)) or not isinstance(dialog, (list, tuple)):
+        raise InputTypeError(f"A dialog is a list of messages, e.g. [{{'role': 'user', 'content': 'Hello'}}], "
+                             f"not a {type(dialog).__name__}; chat_completion takes a list of dialogs.")
+    for i, m in enumerate(dialog):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise InputError(f"Message {i} of the dialog is {m!r}: each message is a dict with a 'role' and a "
+                             "str 'content', e.g. {'role': 'user', 'content': 'Hello'}.")
     if not dialog or (dialog[0]["role"] == "system" and len(dialog) == 1):
-        raise ValueError("A dialog needs at least one user message, e.g. [{'role': 'user', 'content': 'Hello'}].")
+        raise InputError("A dialog needs at least one user message, e.g. [{'role': 'user', 'content': 'Hello'}].")
     turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
     if not (all(m["role"] == "user" for m in turns[::2]) and all(m["role"] == "assistant" for m in turns[1::2])):
-        raise ValueError("The model only supports 'system', 'user' and 'assistant' roles, starting with 'system', "
+        raise InputError("The model only supports 'system', 'user' and 'assistant' roles, starting with 'system', "
                          f"then 'user' and alternating (u/a/u/a/u...); got {[m['role'] for m in dialog]}.")
     if turns[-1]["role"] != "user":
-        raise ValueError(f"The last message must be from the user, got {turns[-1]['role']!r}.")
+        raise InputError(f"The last message must be from the user, got {turns[-1]['role']!r}.")
     return dialog
 
 def llama2_chat_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
@@ -112,7 +123,7 @@ def render_chat_template(template: str, dialog: Dialog, bos_token: str = "", eos
     "Render a Jinja chat template (as stored in GGUF and Hugging Face tokenizers) for `dialog`."
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     def raise_exception(message):
-        raise ValueError(f"The chat template refused the dialog: {message}")
+        raise InputError(f"The chat template refused the dialog: {message}")
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     return env.from_string(template).render(messages=list(dialog), bos_token=bos_token, eos_token=eos_token,
@@ -122,7 +133,7 @@ def render_chat_template(template: str, dialog: Dialog, bos_token: str = "", eos
 class Llama:
     "A model and its tokenizer, with Meta's generation API: `generate`, `text_completion`, `chat_completion`, `stream`."
     @staticmethod
-    def build(ckpt_dir, tokenizer_path=None, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+    def build(ckpt_dir, tokenizer_path=None, max_seq_len: Optional[int] = None,
               max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, model_parallel_size: Optional[int] = None,
               seed: int = 1, *, device=None, dtype=None) -> "Llama":
         """Meta's `Llama.build`: load a checkpoint (any source `load` accepts) onto one device.
@@ -154,19 +165,20 @@ class Llama:
 
     def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]]):
         params = self.model.params
-        if isinstance(prompt_tokens, str) or any(isinstance(t, int) for t in prompt_tokens):
-            raise TypeError("prompt_tokens must be a list of prompts, each a list of token ids: write generate([ids]).")
+        if isinstance(prompt_tokens, str) or any(isinstance(t, (int, str)) for t in prompt_tokens):
+            raise InputTypeError("prompt_tokens must be a list of prompts, each a list of token ids: write generate([ids]).")
         if not len(prompt_tokens):
-            raise ValueError("No prompts: pass a list with at least one prompt.")
+            raise InputError("No prompts: pass a list with at least one prompt.")
         if len(prompt_tokens) > params.max_batch_size:
-            raise ValueError(f"{len(prompt_tokens)} prompts are more than max_batch_size={params.max_batch_size}: "
+            raise InputError(f"{len(prompt_tokens)} prompts are more than max_batch_size={params.max_batch_size}: "
                              "pass fewer prompts at once, or load the model with a larger max_batch_size.")
         for i, t in enumerate(prompt_tokens):
             if len(t) == 0:
-                raise ValueError(f"Prompt {i} is empty (no tokens): give the model at least one token to continue.")
+                raise InputError(f"Prompt {i} is empty (no tokens): give the model at least one token to continue.")
             if len(t) > params.max_seq_len:
-                raise ValueError(f"Prompt {i} has {len(t)} tokens, more than max_seq_len={params.max_seq_len}: "
+                raise InputError(f"Prompt {i} has {len(t)} tokens, more than max_seq_len={params.max_seq_len}: "
                                  "shorten it, or load the model with a larger max_seq_len.")
+            self.tokenizer.check_ids(t)  # every id a row of the embedding
 
     def _batch(self, prompt_tokens: List[List[int]], max_gen_len: int):
         """The batch layout: prompts right-aligned in `tokens` (bsz, total_len), all ending at `prompt_end`, the
@@ -250,6 +262,10 @@ class Llama:
             out_logprobs += probs or []
         return out_tokens, out_logprobs if logprobs else None
 
+    def default_max_gen_len(self, max_gen_len: Optional[int]) -> int:
+        "Meta's default when `max_gen_len` is None: as many tokens as the KV cache holds after one prompt token."
+        return self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+
     def encode_prompt(self, prompt: str) -> List[int]:
         "A text prompt's token ids, with a BOS token if the model expects one (Llama 2: yes; the embedded model: no)."
         return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False)
@@ -262,14 +278,14 @@ class Llama:
         tok = self.tokenizer
         text = render_chat_template(template, check_dialog(dialog), bos_token=tok.id_to_piece(tok.bos_id),
                                     eos_token=tok.id_to_piece(tok.eos_id))
-        return tok.encode(text, bos=False, eos=False)  # the template writes its own special tokens
+        return tok.encode_markup(text)  # the template writes the special tokens (<s>, <|im_start|>) as text
 
     def is_unsafe(self, dialog: Dialog) -> bool:
         "True if a message smuggles in chat markup: Llama 2's tags, or the tokenizer's special tokens with a template."
         tags = SPECIAL_TAGS
-        if getattr(self.tokenizer, "chat_template", None):
-            tags = [piece for piece in self.tokenizer.special_tokens if piece]
-        return any(tag in msg["content"] for tag in tags for msg in dialog)
+        if getattr(self.tokenizer, "chat_template", None):  # [INST] stays markup for Llama 2's own template
+            tags = SPECIAL_TAGS + [piece for piece in self.tokenizer.special_tokens if piece]
+        return any(tag in msg["content"] for tag in tags for msg in check_dialog(dialog))
 
     def _predictions(self, generation_tokens, generation_logprobs, wrap=lambda text: text, unsafe=None):
         unsafe = unsafe or [False] * len(generation_tokens)
@@ -277,7 +293,7 @@ class Llama:
         for i, t in enumerate(generation_tokens):
             pred = {"generation": wrap(UNSAFE_ERROR if unsafe[i] else self.tokenizer.decode(t))}
             if generation_logprobs is not None:
-                pred["tokens"] = [self.tokenizer.decode([x]) for x in t]
+                pred["tokens"] = self.tokenizer.token_texts(t)  # in context: SentencePiece keeps its spaces
                 pred["logprobs"] = generation_logprobs[i]
             out.append(pred)
         return out
@@ -288,9 +304,11 @@ class Llama:
                         ignore_eos: bool = False) -> List[CompletionPrediction]:
         "Meta's `text_completion`: continue each prompt (any number: `max_batch_size` at a time); one dict per prompt."
         if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings: write text_completion([prompt]).")
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
+            raise InputTypeError("prompts must be a list of strings: write text_completion([prompt]).")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise InputTypeError(f"prompts[{i}] is {prompt!r}: each prompt must be a str.")
+        max_gen_len = self.default_max_gen_len(max_gen_len)
         prompt_tokens = [self.encode_prompt(x) for x in prompts]
         generation_tokens, generation_logprobs = self._generate_all(prompt_tokens, max_gen_len, temperature, top_p,
                                                                     logprobs, echo, top_k=top_k, seed=seed,
@@ -301,8 +319,10 @@ class Llama:
                         max_gen_len: Optional[int] = None, logprobs: bool = False, *,
                         top_k: Optional[int] = None, seed: Optional[int] = None) -> List[ChatPrediction]:
         "Meta's `chat_completion`: the assistant's next message for each dialog (any number), in its chat format."
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
+        if isinstance(dialogs, dict) or (isinstance(dialogs, (list, tuple)) and dialogs and isinstance(dialogs[0], dict)):
+            raise InputTypeError("dialogs must be a list of dialogs, each a list of messages: "
+                                 "write chat_completion([dialog]).")
+        max_gen_len = self.default_max_gen_len(max_gen_len)
         prompt_tokens = [self.encode_dialog(dialog) for dialog in dialogs]
         unsafe = [self.is_unsafe(dialog) for dialog in dialogs]
         generation_tokens, generation_logprobs = self._generate_all(prompt_tokens, max_gen_len, temperature, top_p,
@@ -347,8 +367,7 @@ def _stream(self: Llama, prompt: Union[str, Dialog], temperature: float = 0.6, t
             max_gen_len: Optional[int] = None, *, top_k: Optional[int] = None,
             seed: Optional[int] = None) -> Iterator[str]:
     "Yield the completion of a text prompt (a str) or the answer to a dialog (a list of messages) piece by piece."
-    if max_gen_len is None:
-        max_gen_len = self.model.params.max_seq_len - 1
+    max_gen_len = self.default_max_gen_len(max_gen_len)
     if isinstance(prompt, str):
         prompt_tokens = self.encode_prompt(prompt)
     else:
@@ -362,13 +381,14 @@ def _stream(self: Llama, prompt: Union[str, Dialog], temperature: float = 0.6, t
 Llama.stream = _stream
 
 # %% ../notebooks/09_generation.ipynb #6904470f
-def load(source=None, *, tokenizer_path=None, device=None, dtype=None, max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+def load(source=None, *, tokenizer_path=None, device=None, dtype=None, max_seq_len: Optional[int] = None,
          max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, seed: Optional[int] = None, quantize="auto") -> Llama:
     """Load a model ready to generate: `source` None is the embedded SmolLM2-135M; else a Meta or Hugging Face
     checkpoint directory, a `.gguf` file or a Hugging Face hub id. Device and dtype default to the best available.
     `quantize` (chapter 11): 'auto' runs a GGUF file at its own precision and other checkpoints in bf16, unless
     `dtype` is given (then: plain layers in that dtype); 'int8' or 'int4' quantizes the weights; None: plain layers."""
     from llama2_edu.quantize import load_plan, quantize_model  # chapter 11
+    device = check_device(device) if device is not None else None  # before anything looks at the device
     mode, dtype, reader = load_plan(source, quantize, device, dtype)
     model, tokenizer = load_checkpoint(source, tokenizer_path=tokenizer_path, device=device, dtype=dtype,
                                        max_seq_len=max_seq_len, max_batch_size=max_batch_size)

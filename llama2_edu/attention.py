@@ -53,15 +53,9 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, cache=None):
         super().__init__()
         self.n_heads = args.n_heads
-        self.n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
-        if args.dim % args.n_heads or args.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"dim={args.dim}, n_heads={args.n_heads}, n_kv_heads={self.n_kv_heads}:"
-                " dim must be a multiple of n_heads, and n_heads a multiple of"
-                " n_kv_heads."
-            )
+        self.n_kv_heads = args.n_kv_heads  # ModelArgs checked that it divides n_heads
         self.n_rep = self.n_heads // self.n_kv_heads  # query heads per key/value head
-        self.head_dim = args.dim // args.n_heads
+        self.head_dim = args.head_dim
         self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)

@@ -56,13 +56,12 @@ class KVCache:
 def kv_cache_bytes(args: ModelArgs, bytes_per_value: int = 2) -> int:
     """Bytes of all layers' cache_k and cache_v: 2 * n_layers * max_batch_size *
     max_seq_len * n_kv_heads * head_dim * bytes_per_value."""
-    n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
     return (
         2
         * args.n_layers
         * args.max_batch_size
         * args.max_seq_len
-        * n_kv_heads
+        * args.n_kv_heads
         * args.head_dim
         * bytes_per_value
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
@@ -136,9 +137,14 @@ class Llama:
     def build(ckpt_dir, tokenizer_path=None, max_seq_len: Optional[int] = None,
               max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, model_parallel_size: Optional[int] = None,
               seed: int = 1, *, device=None, dtype=None) -> "Llama":
-        """Meta's `Llama.build`: load a checkpoint (any source `load` accepts) onto one device.
-        Shards are merged on load, so `model_parallel_size` is accepted for compatibility and ignored; `seed` seeds
-        this object's own random generator (Meta seeds torch's global one)."""
+        """Meta's `Llama.build`: load a checkpoint (any source `load` accepts). Started by torchrun, each process
+        loads its slice (chapter 12) and `model_parallel_size`, if given, must be the number of processes; else
+        shards are merged onto one device and it is ignored. `seed` seeds this object's own random generator,
+        alike on every rank (Meta seeds torch's global one)."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size > 1 and model_parallel_size not in (None, world_size):
+            raise InputError(f"model_parallel_size={model_parallel_size}, but torchrun started {world_size} "
+                             f"processes: pass model_parallel_size={world_size}, or leave it out.")
         model, tokenizer = load_checkpoint(ckpt_dir, tokenizer_path=tokenizer_path, device=device, dtype=dtype,
                                            max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         return Llama(model, tokenizer, seed=seed)
@@ -390,6 +396,11 @@ def load(source=None, *, tokenizer_path=None, device=None, dtype=None, max_seq_l
     from llama2_edu.quantize import load_plan, quantize_model  # chapter 11
     device = check_device(device) if device is not None else None  # before anything looks at the device
     mode, dtype, reader = load_plan(source, quantize, device, dtype)
+    if mode is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun (chapter 12)
+        if quantize != "auto":
+            raise InputError(f"quantize={quantize!r} is not combined with tensor parallelism (torchrun): "
+                             "pass quantize=None, and each process loads its slice in plain layers.")
+        mode, reader = None, None  # a GGUF file's slices are dequantized to `dtype`
     model, tokenizer = load_checkpoint(source, tokenizer_path=tokenizer_path, device=device, dtype=dtype,
                                        max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     if mode is not None:

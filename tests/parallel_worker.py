@@ -36,7 +36,28 @@ def run(name: str, ckpt: str, out: str):
     torch.save(result, f"{out}/{name}.rank{dist.get_rank()}.pt")
 
 
+def entry_points(meta: str, gguf: str, out: str):
+    "Llama.build with Meta's model_parallel_size, and load()'s quantize= under torchrun."
+    from llama2_edu import Llama
+    world_size, result = dist.get_world_size(), {}
+    llama = Llama.build(meta, max_seq_len=64, max_batch_size=2, model_parallel_size=world_size, device="cpu",
+                        dtype=torch.float32)
+    result["build_greedy"] = llama.generate(PROMPTS, max_gen_len=8, temperature=0)[0]
+    for key, call in [("build_error", lambda: Llama.build(meta, model_parallel_size=world_size + 1, device="cpu")),
+                      ("quantize_error", lambda: llama2_edu.load(gguf, device="cpu", quantize="int8"))]:
+        try:
+            call()
+        except ValueError as e:
+            result[key] = str(e)
+    llama = llama2_edu.load(gguf, device="cpu", max_seq_len=64, max_batch_size=2)  # quantize="auto"
+    result["gguf_auto_dtype"] = str(llama.model.layers[0].attention.wq.weight.dtype)
+    result["gguf_auto_greedy"] = llama.generate(PROMPTS, max_gen_len=8, temperature=0)[0]
+    torch.save(result, f"{out}/entry_points.rank{dist.get_rank()}.pt")
+
+
 if __name__ == "__main__":
     spec = json.loads(open(sys.argv[1]).read())
     for name, ckpt in spec["checkpoints"].items():
         run(name, ckpt, spec["out"])
+    if spec.get("entry_points"):
+        entry_points(spec["checkpoints"]["meta2"], spec["checkpoints"]["gguf"], spec["out"])

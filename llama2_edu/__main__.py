@@ -9,58 +9,178 @@ import os
 import sys
 from pathlib import Path
 
-FRENCH_PROMPT = ("Translate English to French:\n\nsea otter => loutre de mer\npeppermint => menthe poivrée\n"
-                 "plush girafe => girafe peluche\ncheese =>")
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+# the book's prompt (Meta's example spells the giraffe "plush girafe => girafe peluche")
+FRENCH_PROMPT = (
+    "Translate English to French:\n\nsea otter => loutre de mer\npeppermint => menthe"
+    " poivrée\nplush giraffe => girafe en peluche\ncheese =>"
+)
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     "The command line of `python -m llama2_edu` (also installed as `llama2-edu`)."
     p = argparse.ArgumentParser(
         prog="python -m llama2_edu",
-        description="Complete a prompt with Llama 2, or with the embedded SmolLM2-135M when no --ckpt is given.",
-        epilog="The prompt comes from the PROMPT argument, else from --file, else from standard input\n(one "
-               "trailing newline of a file or of stdin is dropped).\n\nOther command:\n  python -m llama2_edu fetch-tokenizer"
-               "\n      download Llama 2's real tokenizer vocabulary (see: fetch-tokenizer --help)\n\nExample:\n"
-               "  python -m llama2_edu --temperature 0 --max-gen-len 16 \"The capital of France is\"",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompt", nargs="?", metavar="PROMPT",
-                   help="the text to continue (with --chat: your message); '-' reads standard input")
-    p.add_argument("-f", "--file", metavar="PATH", help="read the prompt from this text file")
-    p.add_argument("--ckpt", metavar="SOURCE", default=None,
-                   help="the weights: a Meta checkpoint directory (params.json, consolidated.*.pth), a Hugging Face "
-                        "directory (config.json, *.safetensors), a .gguf file or a hub id such as "
-                        "meta-llama/Llama-2-7b-hf (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--tokenizer", metavar="PATH", default=None,
-                   help="tokenizer.model to use instead of the one found with the checkpoint")
-    p.add_argument("--max-gen-len", type=int, default=64, metavar="N",
-                   help="generate at most N tokens (default: %(default)s); generation also stops at end-of-sequence")
-    p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
-                   help="room for prompt + completion, in tokens (the KV cache size; default: the loader's, 512)")
-    p.add_argument("--temperature", type=float, default=0.6, metavar="T",
-                   help="sampling temperature; 0 is greedy: always the most likely token (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=0.9, metavar="P",
-                   help="nucleus sampling: draw only from the most likely tokens that together have probability "
-                        "top-p; 1 keeps all (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K",
-                   help="draw only from the K most likely tokens; 0 keeps all (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=None, metavar="N",
-                   help="random seed: the same seed gives the same sampled text (default: a different draw each run)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), metavar="DTYPE",
-                   help="float32, bfloat16 or float16 (or fp32, bf16, fp16): the weights' dtype; with the default "
-                        "--quantize auto, giving a dtype asks for plain (unquantized) layers in it (--dtype fp32: the "
-                        "exact model of the book's chapters)")
-    p.add_argument("--quantize", default="auto", choices=["auto", "int8", "int4", "gguf", "none"],
-                   help="weight precision: auto runs a .gguf file at its own precision (the embedded model: 4-bit) "
-                        "and other checkpoints in bf16 (fp16 on older GPUs); int8 or int4 quantizes the weights; "
-                        "none keeps plain layers in --dtype (default: %(default)s)")
-    p.add_argument("--chat", action="store_true",
-                   help="treat the prompt as a user message in the model's chat format and print the answer")
-    p.add_argument("--system", metavar="TEXT", default=None, help="with --chat: a system prompt")
-    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
-                   help="print the text as it is generated (default: on when printing to a terminal)")
-    p.add_argument("--echo", action="store_true", help="print the prompt before its completion")
+        description=(
+            "Complete a prompt with Llama 2, or with the embedded SmolLM2-135M when no"
+            " --ckpt is given."
+        ),
+        epilog=(
+            "The prompt comes from the PROMPT argument, else from --file, else from"
+            " standard input\n(one trailing newline of a file or of stdin is"
+            " dropped).\n\nOther command:\n  python -m llama2_edu fetch-tokenizer\n    "
+            "  download Llama 2's real tokenizer vocabulary (see: fetch-tokenizer"
+            " --help)\n\nExample:\n  python -m llama2_edu --temperature 0 --max-gen-len"
+            " 16 \"The capital of France is\""
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "prompt",
+        nargs="?",
+        metavar="PROMPT",
+        help=(
+            "the text to continue (with --chat: your message); '-' reads standard input"
+        ),
+    )
+    p.add_argument(
+        "-f", "--file", metavar="PATH", help="read the prompt from this text file"
+    )
+    p.add_argument(
+        "--ckpt",
+        metavar="SOURCE",
+        default=None,
+        help=(
+            "the weights: a Meta checkpoint directory (params.json,"
+            " consolidated.*.pth), a Hugging Face directory (config.json,"
+            " *.safetensors), a .gguf file or a hub id such as meta-llama/Llama-2-7b-hf"
+            " (default: the embedded SmolLM2-135M-Instruct)"
+        ),
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        default=None,
+        help="tokenizer.model to use instead of the one found with the checkpoint",
+    )
+    p.add_argument(
+        "--max-gen-len",
+        type=int,
+        default=64,
+        metavar="N",
+        help=(
+            "generate at most N tokens (default: %(default)s); generation also stops at"
+            " end-of-sequence"
+        ),
+    )
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help=(
+            "room for prompt + completion, in tokens (the KV cache size; default: the"
+            " loader's, 512)"
+        ),
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.6,
+        metavar="T",
+        help=(
+            "sampling temperature; 0 is greedy: always the most likely token (default:"
+            " %(default)s)"
+        ),
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=0.9,
+        metavar="P",
+        help=(
+            "nucleus sampling: draw only from the most likely tokens that together have"
+            " probability top-p; 1 keeps all (default: %(default)s)"
+        ),
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        metavar="K",
+        help=(
+            "draw only from the K most likely tokens; 0 keeps all (default:"
+            " %(default)s)"
+        ),
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help=(
+            "random seed: the same seed gives the same sampled text (default: a"
+            " different draw each run)"
+        ),
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=list(DTYPES),
+        metavar="DTYPE",
+        help=(
+            "float32, bfloat16 or float16 (or fp32, bf16, fp16): the weights' dtype;"
+            " with the default --quantize auto, giving a dtype asks for plain"
+            " (unquantized) layers in it (--dtype fp32: the exact model of the book's"
+            " chapters)"
+        ),
+    )
+    p.add_argument(
+        "--quantize",
+        default="auto",
+        choices=["auto", "int8", "int4", "gguf", "none"],
+        help=(
+            "weight precision: auto runs a .gguf file at its own precision (the"
+            " embedded model: 4-bit) and other checkpoints in bf16 (fp16 on older"
+            " GPUs); int8 or int4 quantizes the weights; none keeps plain layers in"
+            " --dtype (default: %(default)s)"
+        ),
+    )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help=(
+            "treat the prompt as a user message in the model's chat format and print"
+            " the answer"
+        ),
+    )
+    p.add_argument(
+        "--system", metavar="TEXT", default=None, help="with --chat: a system prompt"
+    )
+    p.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=(
+            "print the text as it is generated (default: on when printing to a"
+            " terminal)"
+        ),
+    )
+    p.add_argument(
+        "--echo", action="store_true", help="print the prompt before its completion"
+    )
     return p
 
 # %% ../notebooks/10_command_line.ipynb #5d2aa84c
@@ -68,7 +188,9 @@ def read_prompt(args, parser) -> str:
     "The prompt from the argument, --file, or standard input, in that order."
     if args.prompt is not None and args.prompt != "-":
         if args.file:
-            parser.error("give the prompt either as an argument or with --file, not both")
+            parser.error(
+                "give the prompt either as an argument or with --file, not both"
+            )
         return args.prompt
     if args.file:
         path = Path(args.file)
@@ -78,21 +200,38 @@ def read_prompt(args, parser) -> str:
     elif args.prompt == "-" or not sys.stdin.isatty():
         text = sys.stdin.read()
     else:
-        parser.error("no prompt: give it as an argument, with --file PATH, or on standard input")
+        parser.error(
+            "no prompt: give it as an argument, with --file PATH, or on standard input"
+        )
     return text[:-1] if text.endswith("\n") else text
 
 # %% ../notebooks/10_command_line.ipynb #14debfc5
 def fetch_tokenizer_main(argv) -> int:
-    "`python -m llama2_edu fetch-tokenizer`: download Llama 2's tokenizer vocabulary (once) and print its path."
+    """`python -m llama2_edu fetch-tokenizer`: download Llama 2's tokenizer vocabulary
+    (once) and print its path."""
     p = argparse.ArgumentParser(
         prog="python -m llama2_edu fetch-tokenizer",
-        description="Download Llama 2's real 32,000-piece SentencePiece vocabulary (from llama.cpp's copy in the "
-                    "llama-cpp-python source distribution on PyPI; no Meta licence gate, no weights), check its "
-                    "sha256, and write it with a standard tokenizer.model into the cache. Prints the two paths.")
-    p.add_argument("--cache", metavar="DIR", default=None, help="cache folder (default: ~/.cache/llama2_edu)")
-    p.add_argument("--force", action="store_true", help="download again even if the cached copy is fine")
+        description=(
+            "Download Llama 2's real 32,000-piece SentencePiece vocabulary (from"
+            " llama.cpp's copy in the llama-cpp-python source distribution on PyPI; no"
+            " Meta licence gate, no weights), check its sha256, and write it with a"
+            " standard tokenizer.model into the cache. Prints the two paths."
+        ),
+    )
+    p.add_argument(
+        "--cache",
+        metavar="DIR",
+        default=None,
+        help="cache folder (default: ~/.cache/llama2_edu)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="download again even if the cached copy is fine",
+    )
     args = p.parse_args(argv)
     from llama2_edu.tokenizer import fetch_llama2_vocab
+
     path = fetch_llama2_vocab(args.cache, force=args.force)
     print(path)
     print(path.parent / "tokenizer.model")
@@ -108,22 +247,36 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     prompt = read_prompt(args, parser)
     stream = sys.stdout.isatty() if args.stream is None else args.stream
-    quiet = int(os.environ.get("RANK", "0")) > 0  # torchrun starts one copy per rank (chapter 12)
+    # torchrun starts one copy per rank (chapter 12)
+    quiet = int(os.environ.get("RANK", "0")) > 0
     if quiet:  # only rank 0 prints
         sys.stdout = open(os.devnull, "w")
     import torch  # imported only now, so that --help is instant
     from llama2_edu.generation import check_sampling, load
+
     try:
         check_sampling(args.temperature, args.top_p, args.top_k, args.max_gen_len)
         dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-        llama = load(args.ckpt, tokenizer_path=args.tokenizer, device=args.device, dtype=dtype,
-                     max_seq_len=args.max_seq_len, max_batch_size=1,
-                     quantize=None if args.quantize == "none" else args.quantize)
-        sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                        max_gen_len=args.max_gen_len)
+        llama = load(
+            args.ckpt,
+            tokenizer_path=args.tokenizer,
+            device=args.device,
+            dtype=dtype,
+            max_seq_len=args.max_seq_len,
+            max_batch_size=1,
+            quantize=None if args.quantize == "none" else args.quantize,
+        )
+        sampling = dict(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            max_gen_len=args.max_gen_len,
+        )
         if args.chat:
-            dialog = ([{"role": "system", "content": args.system}] if args.system else []) \
-                     + [{"role": "user", "content": prompt}]
+            dialog = (
+                [{"role": "system", "content": args.system}] if args.system else []
+            ) + [{"role": "user", "content": prompt}]
         if args.echo:
             print(prompt, end="" if not args.chat else "\n", flush=True)
         if stream:
@@ -131,14 +284,19 @@ def main(argv=None) -> int:
                 print(piece, end="", flush=True)
             print()
         elif args.chat:
-            print(llama.chat_completion([dialog], **sampling)[0]["generation"]["content"])
+            print(
+                llama.chat_completion([dialog], **sampling)[0]["generation"]["content"]
+            )
         else:
             print(llama.text_completion([prompt], **sampling)[0]["generation"])
-    except (ValueError, OSError, ImportError, NotImplementedError) as e:  # problems the message explains
+    # problems the message explains
+    except (ValueError, OSError, ImportError, NotImplementedError) as e:
         if not quiet:
             print(f"llama2-edu: error: {e}", file=sys.stderr)
         return 1
     return 0
 
-if __name__ == "__main__" and "ipykernel" not in sys.modules:  # run as a program, not in a notebook
+
+# run as a program, not in a notebook
+if __name__ == "__main__" and "ipykernel" not in sys.modules:
     sys.exit(main())

@@ -17,14 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import (
-    _assign, _gguf_tokenizer, about, args_from_hf_config, args_from_params, check_dtype, check_gguf_types,
-    check_shards, check_tokenizer, checkpoint_layout, default_device, find_tokenizer, fit_context,
-    hf_to_meta_name, hf_weight_files, meta_split_dim, meta_state_dict, permute_from_hf_in_place,
-    read_hf_file, read_json)
+    _assign, _gguf_tokenizer, about, args_from_hf_config, args_from_params, check_dtype,
+    check_gguf_types, check_shards, check_tokenizer, checkpoint_layout, default_device,
+    find_tokenizer, fit_context, hf_to_meta_name, hf_weight_files, meta_split_dim,
+    meta_state_dict, permute_from_hf_in_place, read_hf_file, read_json)
 from .kv_cache import KVCache
 from .model import Transformer, ffn_hidden_dim
-from .model_file import (GGUF_IGNORED, LLAMA2_ARGS, InputError, MissingFileError, ModelArgs,
-                                   args_from_gguf, gguf_metadata, gguf_tensor, meta_name, open_gguf)
+from .model_file import (
+    GGUF_IGNORED, LLAMA2_ARGS, InputError, MissingFileError, ModelArgs, args_from_gguf,
+    gguf_metadata, gguf_tensor, meta_name, open_gguf)
 
 # %% ../notebooks/12_beyond_one_gpu.ipynb #f72deda9
 def all_reduce_output(module, inputs, output):
@@ -33,28 +34,32 @@ def all_reduce_output(module, inputs, output):
     return output
 
 def all_gather_output(module, inputs, output):
-    "Forward hook: every rank holds a block of `output`'s last dimension; concatenate the blocks in rank order."
+    "Forward hook: every rank holds a block of `output`'s last dimension; join them."
     parts = [torch.empty_like(output) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, output.contiguous())
-    return torch.cat(parts, dim=-1)
+    return torch.cat(parts, dim=-1)  # in rank order
 
 # %% ../notebooks/12_beyond_one_gpu.ipynb #e8d2bc7e
 def check_world_size(args: ModelArgs, world_size: int):
-    "Each rank needs whole query and KV heads and an equal share of the FFN and (untied) vocabulary rows."
-    sizes = {"query heads": args.n_heads, "key/value heads": args.n_kv_heads or args.n_heads,
+    "Each rank needs whole query and KV heads, and equal shares of FFN and vocabulary."
+    sizes = {"query heads": args.n_heads,
+             "key/value heads": args.n_kv_heads or args.n_heads,
              "FFN hidden units": ffn_hidden_dim(args)}
     if not args.tie_word_embeddings:  # the output matrix is split by vocabulary rows
         sizes["vocabulary entries"] = args.vocab_size
     bad = [f"{n} {what}" for what, n in sizes.items() if n % world_size]
     if bad:
-        fits = [k for k in range(1, min(sizes.values()) + 1) if all(n % k == 0 for n in sizes.values())]
-        raise InputError(f"{world_size} processes cannot split this model's {' and '.join(bad)} evenly: "
-                         f"start torchrun with --nproc_per_node {' or '.join(map(str, fits))}.")
+        fits = [k for k in range(1, min(sizes.values()) + 1)
+                if all(n % k == 0 for n in sizes.values())]
+        raise InputError(f"{world_size} processes cannot split this model's "
+                         f"{' and '.join(bad)} evenly: start torchrun with "
+                         f"--nproc_per_node {' or '.join(map(str, fits))}.")
 
 # %% ../notebooks/12_beyond_one_gpu.ipynb #fd73393d
 def shard_model(model: Transformer, rank: int, world_size: int) -> Transformer:
-    """Cut `model` (best on the meta device: no memory) down to rank `rank`'s slice of every split matrix,
-    in place, and hook in the collectives that complete each product: it computes the whole model's outputs."""
+    """Cut `model` (best on the meta device: no memory) down to rank `rank`'s slice of
+    every split matrix, in place, and hook in the collectives that complete each
+    product: it computes the whole model's outputs."""
     check_world_size(model.params, world_size)
     for name, w in list(model.named_parameters()):
         dim = meta_split_dim(name)
@@ -63,33 +68,36 @@ def shard_model(model: Transformer, rank: int, world_size: int) -> Transformer:
             shape[dim] //= world_size
             module = model.get_submodule(name.rpartition(".")[0])
             module.weight = nn.Parameter(w.new_empty(shape), requires_grad=False)
+    params = model.params
     for layer in model.layers:
         attn = layer.attention
-        attn.n_heads //= world_size      # this rank's query heads ...
-        attn.n_kv_heads //= world_size   # ... and the KV heads they share (n_rep, head_dim unchanged)
-        params = model.params
-        attn.cache = KVCache(params.max_batch_size, params.max_seq_len, attn.n_kv_heads, attn.head_dim)
-        attn.register_forward_hook(all_reduce_output)                # wo split by input features
-        layer.feed_forward.register_forward_hook(all_reduce_output)  # w2 split by input features
-    model.tok_embeddings.register_forward_hook(all_gather_output)    # dim // world_size features each
+        attn.n_heads //= world_size      # this rank's query heads and the KV heads
+        attn.n_kv_heads //= world_size   # they share (n_rep, head_dim unchanged)
+        attn.cache = KVCache(params.max_batch_size, params.max_seq_len,
+                             attn.n_kv_heads, attn.head_dim)
+        attn.register_forward_hook(all_reduce_output)  # wo: split by input features
+        layer.feed_forward.register_forward_hook(all_reduce_output)  # w2: the same
+    model.tok_embeddings.register_forward_hook(all_gather_output)  # dim / N features
     if model.output is not None:
-        model.output.register_forward_hook(all_gather_output)        # vocab_size // world_size logits each
+        model.output.register_forward_hook(all_gather_output)      # vocab / N logits
     else:
         model.output = TiedOutput(model.tok_embeddings, rank, world_size)
     return model
 
 class TiedOutput(nn.Module):
-    """The output layer of a tied model on one rank. Its matrix is the embedding's, split by columns (dim),
-    so each rank multiplies its block of h's features by it: a row-split product, summed by one all-reduce."""
+    """The output layer of a tied model on one rank. Its matrix is the embedding's,
+    split by columns (dim), so each rank multiplies its block of h's features by it:
+    a row-split product, whose partial logits one all-reduce sums."""
     def __init__(self, embedding: nn.Embedding, rank: int, world_size: int):
         super().__init__()
         self.rank, self.world_size = rank, world_size
-        object.__setattr__(self, "embedding", embedding)  # a reference, not a submodule: not saved twice
+        # a reference, not a submodule: the weight is tok_embeddings', saved once
+        object.__setattr__(self, "embedding", embedding)
 
-    def forward(self, h):  # (bsz, seqlen, dim)
-        h = h.chunk(self.world_size, dim=-1)[self.rank]  # (bsz, seqlen, dim // world_size)
-        logits = F.linear(h, self.embedding.weight)      # (bsz, seqlen, vocab_size): a partial sum
-        dist.all_reduce(logits)
+    def forward(self, h):                                 # (bsz, seqlen, dim)
+        h = h.chunk(self.world_size, dim=-1)[self.rank]   # (bsz, seqlen, dim / N)
+        logits = F.linear(h, self.embedding.weight)       # (bsz, seqlen, vocab_size)
+        dist.all_reduce(logits)                           # partial sums -> total
         return logits
 
 def parameter_bytes(model: nn.Module) -> int:
@@ -98,33 +106,35 @@ def parameter_bytes(model: nn.Module) -> int:
 
 # %% ../notebooks/12_beyond_one_gpu.ipynb #387a91ad
 def local_slice(name: str, w: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    "Rank `rank`'s part of tensor `name`, split like Meta's shards (replicated: whole); a view where it can be."
+    "Rank `rank`'s part of tensor `name`, split like Meta's shards (replicated: whole)."
     dim = meta_split_dim(name)
     if dim is None or world_size == 1:
         return w
     size = w.shape[dim] // world_size
-    return w.narrow(dim, rank * size, size).contiguous()  # rows: a view; columns: a copy of this slice only
+    # rows: a view, nothing copied; columns: a copy of this rank's slice only
+    return w.narrow(dim, rank * size, size).contiguous()
 
 def shards_of_rank(n_shards: int, rank: int, world_size: int):
-    "Which of Meta's shards rank `rank` reads, and its part of their merge: `(shard indices, part, n_parts)`."
-    if n_shards % world_size == 0:  # as many ranks as shards, or fewer: each merges n_shards // world_size
+    "Which of Meta's shards rank `rank` reads: `(shard indices, part, n_parts)`."
+    if n_shards % world_size == 0:  # as many ranks as shards, or fewer: merge a group
         k = n_shards // world_size
         return list(range(rank * k, (rank + 1) * k)), 0, 1
-    if world_size % n_shards == 0:  # more ranks than shards: world_size // n_shards ranks share each shard
+    if world_size % n_shards == 0:  # more ranks than shards: k ranks share each shard
         k = world_size // n_shards
         return [rank // k], rank % k, k
-    raise InputError(f"A checkpoint of {n_shards} model-parallel shards cannot be divided among {world_size} "
-                     f"processes: start torchrun with --nproc_per_node a divisor or a multiple of {n_shards}.")
+    raise InputError(f"A checkpoint of {n_shards} model-parallel shards cannot be "
+                     f"divided among {world_size} processes: start torchrun with "
+                     f"--nproc_per_node a divisor or a multiple of {n_shards}.")
 
 def meta_rank_state_dict(paths, rank: int, world_size: int, device, dtype):
-    "Yield rank `rank`'s slice of a Meta checkpoint: it maps only its own shards (merged if several)."
+    "Yield rank `rank`'s slice of a Meta checkpoint, mapping only its own shards."
     shards, part, n_parts = shards_of_rank(len(paths), rank, world_size)
     for name, w in meta_state_dict([paths[i] for i in shards], device, dtype):
         yield name, local_slice(name, w, part, n_parts)
 
 # %% ../notebooks/12_beyond_one_gpu.ipynb #db0ed3a0
 def read_hf_slices(path: Path, rank: int, world_size: int):
-    "Yield `(Meta name, rank's slice)` from one Hugging Face weight file, reading only that slice."
+    "Yield `(Meta name, rank's slice)` of one Hugging Face file, reading only that."
     if path.suffix != ".safetensors":  # memory-mapped: a slice reads only its own pages
         for hf_name, w in read_hf_file(path):
             if (name := hf_to_meta_name(hf_name)) is not None:
@@ -143,26 +153,28 @@ def read_hf_slices(path: Path, rank: int, world_size: int):
             yield name, tensor[tuple(index)]  # safetensors reads just these bytes
 
 def hf_rank_state_dict(files, args: ModelArgs, rank: int, world_size: int):
-    "Yield rank `rank`'s slice of a Hugging Face checkpoint, wq/wk rows put back in Meta's order head by head."
-    n_heads, n_kv_heads = args.n_heads // world_size, (args.n_kv_heads or args.n_heads) // world_size
+    "Yield rank `rank`'s slice of a Hugging Face checkpoint, wq/wk in Meta's order."
+    n_heads = args.n_heads // world_size
+    n_kv_heads = (args.n_kv_heads or args.n_heads) // world_size
     for path in files:
         for name, w in read_hf_slices(path, rank, world_size):
             if name == "output.weight" and args.tie_word_embeddings:
                 continue
-            if name.endswith("attention.wq.weight"):
-                permute_from_hf_in_place(w, n_heads)  # whole heads: the permutation acts inside each
+            if name.endswith("attention.wq.weight"):  # whole heads: the permutation
+                permute_from_hf_in_place(w, n_heads)   # acts inside each one
             elif name.endswith("attention.wk.weight"):
                 permute_from_hf_in_place(w, n_kv_heads)
             yield name, w
 
 # %% ../notebooks/12_beyond_one_gpu.ipynb #c05d32e1
 def gguf_rows(t, start: int, stop: int) -> torch.Tensor:
-    "Rows start..stop-1 of GGUF tensor `t`, dequantized to float32 (llama.cpp quantizes each row alone)."
+    "Rows start..stop-1 of GGUF tensor `t` in float32 (llama.cpp quantizes row by row)."
     from gguf.quants import dequantize
-    return torch.from_numpy(np.array(dequantize(t.data[start:stop], t.tensor_type), dtype=np.float32))
+    rows = dequantize(t.data[start:stop], t.tensor_type)
+    return torch.from_numpy(np.array(rows, dtype=np.float32))
 
 def gguf_rank_state_dict(reader, rank: int, world_size: int, rows_per_step: int = 256):
-    "Yield rank `rank`'s slice of a GGUF file's weights, dequantizing only its own rows."
+    "Yield rank `rank`'s slice of a GGUF file, dequantizing only its own rows."
     for t in reader.tensors:
         if t.name in GGUF_IGNORED:
             continue
@@ -173,17 +185,20 @@ def gguf_rank_state_dict(reader, rank: int, world_size: int, rows_per_step: int 
         elif dim == 0:
             size = t.data.shape[0] // world_size
             yield name, gguf_rows(t, rank * size, (rank + 1) * size)
-        else:  # columns: a few rows at a time
-            n_rows, size = t.data.shape[0], int(t.shape[0]) // world_size  # t.shape is (in, out)
+        else:  # columns: a few rows at a time (t.shape is (in_features, out_features))
+            n_rows, size = t.data.shape[0], int(t.shape[0]) // world_size
+            columns = slice(rank * size, (rank + 1) * size)
             w = torch.empty(n_rows, size)
             for i in range(0, n_rows, rows_per_step):
-                w[i : i + rows_per_step] = gguf_rows(t, i, i + rows_per_step)[:, rank * size : (rank + 1) * size]
+                stop = min(i + rows_per_step, n_rows)
+                w[i:stop] = gguf_rows(t, i, stop)[:, columns]
             yield name, w
 
 # %% ../notebooks/12_beyond_one_gpu.ipynb #0a8090a0
 def init_parallel(device=None) -> torch.device:
-    """Join torchrun's process group (once): NCCL on GPUs, one per local rank; gloo on the CPU. Every
-    rank's torch RNG gets rank 0's seed, so sampling draws the same token everywhere. This rank's device."""
+    """Join torchrun's process group (once): NCCL on GPUs, one per local rank; gloo on
+    the CPU. Every rank's torch RNG gets rank 0's seed, so sampling draws the same token
+    everywhere. Returns this rank's device."""
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -201,7 +216,7 @@ def init_parallel(device=None) -> torch.device:
 
 # %% ../notebooks/12_beyond_one_gpu.ipynb #4a37f5fd
 def load_sharded(path: Path, device, dtype, tokenizer_path=None, **overrides):
-    "Under torchrun: `(Transformer, Tokenizer)` holding this rank's slice of the checkpoint at `path`."
+    "Under torchrun: `(Transformer, Tokenizer)` holding this rank's slice of `path`."
     device = init_parallel(device)
     dtype = check_dtype(device, dtype)
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -209,31 +224,36 @@ def load_sharded(path: Path, device, dtype, tokenizer_path=None, **overrides):
     if layout == "meta":  # chapter 8's checks, in load_meta's order
         paths = sorted(path.glob("consolidated.*.pth"))
         if not paths:
-            raise MissingFileError(f"{path} has params.json but no consolidated.NN.pth weight files: "
-                                   "the download is incomplete (re-run Meta's download.sh).")
+            raise MissingFileError(f"{path} has params.json but no consolidated.NN.pth "
+                                   "files: the download is incomplete (re-run "
+                                   "download.sh).")
         tokenizer = find_tokenizer(path, tokenizer_path)
         with about(path / "params.json"):
             overrides = fit_context(overrides, LLAMA2_ARGS["7B"].max_seq_len, path.name)
-            args = args_from_params(read_json(path / "params.json"), tokenizer.n_words, **overrides)
+            params = read_json(path / "params.json")
+            args = args_from_params(params, tokenizer.n_words, **overrides)
         check_tokenizer(tokenizer, args, path / "params.json")
         check_shards(args, len(paths))
         check_world_size(args, world_size)
-        shards_of_rank(len(paths), rank, world_size)  # fits, or a clear error before a file is opened
+        shards_of_rank(len(paths), rank, world_size)  # fits, or an error now
         tensors = meta_rank_state_dict(paths, rank, world_size, device, dtype)
     elif layout == "hf":  # as load_hf
         config = read_json(path / "config.json")
         with about(path / "config.json"):
             trained_len = config.get("max_position_embeddings")
-            args = args_from_hf_config(config, **fit_context(overrides, trained_len, path.name))
+            overrides = fit_context(overrides, trained_len, path.name)
+            args = args_from_hf_config(config, **overrides)
         files = hf_weight_files(path)
-        tokenizer = check_tokenizer(find_tokenizer(path, tokenizer_path), args, path / "config.json")
+        tokenizer = find_tokenizer(path, tokenizer_path)
+        check_tokenizer(tokenizer, args, path / "config.json")
         tensors = hf_rank_state_dict(files, args, rank, world_size)
     else:  # as load_gguf
         path = path if path.is_file() else next(path.glob("*.gguf"))
         reader = open_gguf(path)
         with about(path):
             trained_len = gguf_metadata(reader).get("llama.context_length")
-            args = args_from_gguf(reader, **fit_context(overrides, trained_len, path.name))
+            overrides = fit_context(overrides, trained_len, path.name)
+            args = args_from_gguf(reader, **overrides)
             check_gguf_types(reader)
         if tokenizer_path is not None:
             from llama2_edu.tokenizer import load_tokenizer
@@ -242,7 +262,7 @@ def load_sharded(path: Path, device, dtype, tokenizer_path=None, **overrides):
             tokenizer = _gguf_tokenizer(reader)
         check_tokenizer(tokenizer, args, path)
         tensors = gguf_rank_state_dict(reader, rank, world_size)
-    with torch.device("meta"):
-        model = shard_model(Transformer(args), rank, world_size)  # this rank's shapes, no memory yet
+    with torch.device("meta"):  # this rank's shapes, no memory yet
+        model = shard_model(Transformer(args), rank, world_size)
     desc = f"Loading {path.name} (rank {rank} of {world_size})"
     return _assign(model, tensors, device, dtype, desc=desc, source=path), tokenizer

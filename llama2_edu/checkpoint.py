@@ -23,9 +23,22 @@ import torch
 from tqdm.auto import tqdm
 
 from .model import Transformer
-from .model_file import (LLAMA2_ARGS, CheckpointError, ConfigError, DownloadError, InputError, Llama2EduError,
-                                   MissingFileError, ModelArgs, args_from_gguf, check_int, embedded_model_path,
-                                   gguf_metadata, gguf_state_dict, open_gguf)
+from llama2_edu.model_file import (
+    LLAMA2_ARGS,
+    CheckpointError,
+    ConfigError,
+    DownloadError,
+    InputError,
+    Llama2EduError,
+    MissingFileError,
+    ModelArgs,
+    args_from_gguf,
+    check_int,
+    embedded_model_path,
+    gguf_metadata,
+    gguf_state_dict,
+    open_gguf,
+)
 from .rope import permute_from_hf
 
 # %% ../notebooks/08_loading_weights.ipynb #06fb8ad3
@@ -33,12 +46,15 @@ def default_device() -> torch.device:
     "CUDA when a GPU is available, else the CPU."
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+
 def supports_bf16(device) -> bool:
-    "bfloat16 matmuls run natively on the CPU and on NVIDIA GPUs of compute capability 8.0+ (A100, L4, H100), not on a T4 (7.5)."
+    """bfloat16 matmuls run natively on the CPU and on NVIDIA GPUs of compute capability
+    8.0+ (A100, L4, H100), not on a T4 (7.5)."""
     device = torch.device(device)
     if device.type != "cuda":
         return True
     return torch.cuda.get_device_capability(device) >= (8, 0)
+
 
 def default_dtype(device=None) -> torch.dtype:
     "bfloat16 on GPUs that support it, float16 on older GPUs (T4), float32 on the CPU."
@@ -47,132 +63,223 @@ def default_dtype(device=None) -> torch.dtype:
         return torch.float32
     return torch.bfloat16 if supports_bf16(device) else torch.float16
 
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+
 def check_device(device) -> torch.device:
-    "`device` as a torch.device if this machine has it, else an InputError saying what it has."
+    """`device` as a torch.device if this machine has it, else an InputError saying what
+    it has."""
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise InputError(f"device={device!r} is not a device name: use 'cpu', 'cuda', 'cuda:1' or 'mps'.") from None
+        raise InputError(
+            f"device={device!r} is not a device name: use 'cpu', 'cuda', 'cuda:1' or"
+            " 'mps'."
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device={str(device)!r}, but this machine has no CUDA GPU (or this torch {torch.__version__} "
-                         "is a CPU build): use device='cpu'.")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise InputError(f"device={str(device)!r}, but this machine has {torch.cuda.device_count()} CUDA GPU(s): "
-                         f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}.")
+        raise InputError(
+            f"device={str(device)!r}, but this machine has no CUDA GPU (or this torch"
+            f" {torch.__version__} is a CPU build): use device='cpu'."
+        )
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
+        raise InputError(
+            f"device={str(device)!r}, but this machine has {torch.cuda.device_count()}"
+            f" CUDA GPU(s): use cuda:0 .. cuda:{torch.cuda.device_count() - 1}."
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError("device='mps', but this machine has no Apple GPU (MPS): use device='cpu'.")
+        raise InputError(
+            "device='mps', but this machine has no Apple GPU (MPS): use device='cpu'."
+        )
     if device.type not in ("cpu", "cuda", "mps"):
-        raise InputError(f"device={str(device)!r} is not supported: use 'cpu', 'cuda' or 'mps'.")
+        raise InputError(
+            f"device={str(device)!r} is not supported: use 'cpu', 'cuda' or 'mps'."
+        )
     return device
 
+
 def check_dtype(device, dtype) -> torch.dtype:
-    "`dtype` if the model can run in it on `device`, else an InputError saying what to use instead."
+    """`dtype` if the model can run in it on `device`, else an InputError saying what to
+    use instead."""
     device = torch.device(device)
     if dtype not in FLOAT_DTYPES:
-        raise InputError(f"dtype={dtype} is not supported: the model runs in torch.float32, torch.bfloat16 "
-                         "or torch.float16 (quantized GGUF weights are dequantized to one of these).")
+        raise InputError(
+            f"dtype={dtype} is not supported: the model runs in torch.float32,"
+            " torch.bfloat16 or torch.float16 (quantized GGUF weights are dequantized"
+            " to one of these)."
+        )
     if dtype == torch.bfloat16 and not supports_bf16(device):
         name = torch.cuda.get_device_name(device)
-        raise InputError(f"dtype=torch.bfloat16 is not supported on {name} (compute capability below 8.0): "
-                         "pass dtype=torch.float16 instead, or leave dtype=None to choose automatically.")
+        raise InputError(
+            f"dtype=torch.bfloat16 is not supported on {name} (compute capability below"
+            " 8.0): pass dtype=torch.float16 instead, or leave dtype=None to choose"
+            " automatically."
+        )
     return dtype
 
 # %% ../notebooks/08_loading_weights.ipynb #2f77fc43
-DEFAULT_MAX_SEQ_LEN = 512    # KV cache of Llama 2 7B in fp16: 4 x 512 positions x 512 KiB = 1 GiB (fits a Colab T4)
+# KV cache of Llama 2 7B in fp16: 4 x 512 positions x 512 KiB = 1 GiB (fits a Colab T4)
+DEFAULT_MAX_SEQ_LEN = 512
 DEFAULT_MAX_BATCH_SIZE = 4
 
+
 def check_sizes(max_seq_len, max_batch_size) -> dict:
-    "The KV cache's sizes, each an integer >= 1 (max_seq_len None: chosen with the model; max_batch_size None: 4)."
-    return dict(max_seq_len=None if max_seq_len is None else check_int("max_seq_len", max_seq_len),
-                max_batch_size=DEFAULT_MAX_BATCH_SIZE if max_batch_size is None
-                else check_int("max_batch_size", max_batch_size))
+    """The KV cache's sizes, each an integer >= 1 (max_seq_len None: chosen with the
+    model; max_batch_size None: 4)."""
+    return dict(
+        max_seq_len=(
+            None if max_seq_len is None else check_int("max_seq_len", max_seq_len)
+        ),
+        max_batch_size=(
+            DEFAULT_MAX_BATCH_SIZE
+            if max_batch_size is None
+            else check_int("max_batch_size", max_batch_size)
+        ),
+    )
+
 
 def fit_context(overrides: dict, trained_len: Optional[int], source) -> dict:
-    """`overrides` with `max_seq_len` fitted to the context the model was trained for: None becomes the default
-    (less if the model was trained on fewer positions); more than `trained_len` is refused (untrained positions)."""
+    """`overrides` with `max_seq_len` fitted to the context the model was trained for:
+    None becomes the default
+    (less if the model was trained on fewer positions); more than `trained_len` is
+    refused (untrained positions).
+    """
     if "max_seq_len" not in overrides:
         return overrides
     max_seq_len = overrides["max_seq_len"]
     if max_seq_len is None:
         max_seq_len = min(DEFAULT_MAX_SEQ_LEN, trained_len or DEFAULT_MAX_SEQ_LEN)
     elif trained_len and max_seq_len > trained_len:
-        raise InputError(f"max_seq_len={max_seq_len} is more than the {trained_len} positions {source} was "
-                         f"trained for: use max_seq_len <= {trained_len} (--max-seq-len on the command line).")
+        raise InputError(
+            f"max_seq_len={max_seq_len} is more than the {trained_len} positions"
+            f" {source} was trained for: use max_seq_len <= {trained_len}"
+            " (--max-seq-len on the command line)."
+        )
     return {**overrides, "max_seq_len": max_seq_len}
 
 # %% ../notebooks/08_loading_weights.ipynb #124010ce
 def _gguf_tokenizer(reader):
     from llama2_edu.tokenizer import tokenizer_from_gguf  # chapter 1
+
     return tokenizer_from_gguf(reader)
 
-MAX_WEIGHT = 1e4  # random bytes in a float16 scale give |w| up to ~1e6; the embedded model's largest: 9.25
+
+# random bytes in a float16 scale give |w| up to ~1e6; the embedded model's largest:
+# 9.25
+MAX_WEIGHT = 1e4
+
 
 def _assign(model: Transformer, tensors, device, dtype, desc: str, source=None):
-    """Cast and move each `(name, tensor)` to `device`/`dtype` as it arrives, checking its shape and that it is
-    finite and not absurdly large (NaN, inf or |w| > MAX_WEIGHT mean a damaged file), then assign them all to `model`. `source` names the files."""
-    expected = model.state_dict()  # tensors on the meta device: names and shapes, no memory
+    """Cast and move each `(name, tensor)` to `device`/`dtype` as it arrives, checking
+    its shape and that it is
+    finite and not absurdly large (NaN, inf or |w| > MAX_WEIGHT mean a damaged file),
+    then assign them all to `model`. `source` names the files.
+    """
+    # tensors on the meta device: names and shapes, no memory
+    expected = model.state_dict()
     where = f"{source}: " if source is not None else ""
     state_dict = {}
     for name, w in tqdm(tensors, desc=desc, unit="tensor", total=len(expected)):
         if name not in expected:
-            raise CheckpointError(f"{where}unexpected tensor {name!r}: it does not belong to a Llama model with "
-                                  "these hyper-parameters. Check that the checkpoint is a Llama 2 model.")
+            raise CheckpointError(
+                f"{where}unexpected tensor {name!r}: it does not belong to a Llama"
+                " model with these hyper-parameters. Check that the checkpoint is a"
+                " Llama 2 model."
+            )
         if w.shape != expected[name].shape:
-            if name in ("tok_embeddings.weight", "output.weight") and w.shape[1:] == expected[name].shape[1:]:
-                raise CheckpointError(f"{where}tensor {name!r} has {w.shape[0]} rows (tokens) but the tokenizer "
-                                      f"has {expected[name].shape[0]} pieces: the tokenizer belongs to another model. "
-                                      "Pass this model's tokenizer.model (--tokenizer on the command line).")
-            raise CheckpointError(f"{where}tensor {name!r} has shape {tuple(w.shape)} in the checkpoint but the "
-                                  f"hyper-parameters imply {tuple(expected[name].shape)}: the configuration file "
-                                  "does not describe these weights (check you pointed at the right model's files).")
+            if (
+                name in ("tok_embeddings.weight", "output.weight")
+                and w.shape[1:] == expected[name].shape[1:]
+            ):
+                raise CheckpointError(
+                    f"{where}tensor {name!r} has {w.shape[0]} rows (tokens) but the"
+                    f" tokenizer has {expected[name].shape[0]} pieces: the tokenizer"
+                    " belongs to another model. Pass this model's tokenizer.model"
+                    " (--tokenizer on the command line)."
+                )
+            raise CheckpointError(
+                f"{where}tensor {name!r} has shape {tuple(w.shape)} in the checkpoint"
+                f" but the hyper-parameters imply {tuple(expected[name].shape)}: the"
+                " configuration file does not describe these weights (check you"
+                " pointed at the right model's files)."
+            )
         w = w.to(device=device, dtype=dtype)
-        largest = w.abs().amax().item() if w.numel() else 0.0  # one pass over each tensor, once, at load
+        # one pass over each tensor, once, at load
+        largest = w.abs().amax().item() if w.numel() else 0.0
         if not math.isfinite(largest):
-            raise CheckpointError(f"{where}tensor {name!r} holds NaN or infinite values: the file is damaged. "
-                                  "Download it again.")
+            raise CheckpointError(
+                f"{where}tensor {name!r} holds NaN or infinite values: the file is"
+                " damaged. Download it again."
+            )
         if largest > MAX_WEIGHT:
-            raise CheckpointError(f"{where}tensor {name!r} holds a weight of {largest:,.0f}, far beyond trained "
-                                  f"weights (refused above {MAX_WEIGHT:,.0f}; float16 ends at 65,504): the file is "
-                                  "damaged. Download it again.")
+            raise CheckpointError(
+                f"{where}tensor {name!r} holds a weight of {largest:,.0f}, far beyond"
+                f" trained weights (refused above {MAX_WEIGHT:,.0f}; float16 ends at"
+                " 65,504): the file is damaged. Download it again."
+            )
         state_dict[name] = w
     missing = [name for name in expected if name not in state_dict]
     if missing:
-        raise CheckpointError(f"{where}the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}: "
-                         "it is incomplete (a shard missing?) or not a Llama 2 checkpoint.")
-    model.load_state_dict(state_dict, assign=True)  # the parameters become these tensors: no copy
+        raise CheckpointError(
+            f"{where}the checkpoint lacks {len(missing)} tensor(s) the model needs,"
+            f" e.g. {missing[:3]}: it is incomplete (a shard missing?) or not a Llama 2"
+            " checkpoint."
+        )
+    # the parameters become these tensors: no copy
+    model.load_state_dict(state_dict, assign=True)
     return model.requires_grad_(False).eval()
 
+
 def check_gguf_types(reader):
-    "Every tensor of the GGUF file must be a type `gguf` can dequantize (F32, F16, BF16, Q4_0 ... Q8_0, the K- and I-quants)."
+    """Every tensor of the GGUF file must be a type `gguf` can dequantize (F32, F16,
+    BF16, Q4_0 ... Q8_0, the K- and I-quants)."""
     from gguf import GGMLQuantizationType as T
     from gguf.quants import _type_traits
+
     for t in reader.tensors:
         if t.tensor_type not in (T.F32, T.F16) and t.tensor_type not in _type_traits:
-            raise CheckpointError(f"Tensor {t.name!r} is stored as {t.tensor_type.name}, which gguf {gguf_version()} "
-                             "cannot dequantize: convert the file to F16, Q8_0 or a K-quant with llama.cpp's "
-                             "llama-quantize, or upgrade the gguf package.")
+            raise CheckpointError(
+                f"Tensor {t.name!r} is stored as {t.tensor_type.name}, which gguf"
+                f" {gguf_version()} cannot dequantize: convert the file to F16, Q8_0 or"
+                " a K-quant with llama.cpp's llama-quantize, or upgrade the gguf"
+                " package."
+            )
+
 
 def gguf_version() -> str:
     from importlib.metadata import version
+
     return version("gguf")
 
+
 def check_tokenizer(tokenizer, args: ModelArgs, source):
-    "The tokenizer must be the model's: as many pieces as the embedding has rows, BOS and EOS among them."
+    """The tokenizer must be the model's: as many pieces as the embedding has rows, BOS
+    and EOS among them."""
     if tokenizer.n_words != args.vocab_size:
-        raise CheckpointError(f"The tokenizer has {tokenizer.n_words} pieces but {source} has {args.vocab_size} "
-                              "tokens: the tokenizer belongs to another model. Pass this model's tokenizer "
-                              "(tokenizer_path=, --tokenizer on the command line), or none to use its own.")
+        raise CheckpointError(
+            f"The tokenizer has {tokenizer.n_words} pieces but {source} has"
+            f" {args.vocab_size} tokens: the tokenizer belongs to another model. Pass"
+            " this model's tokenizer (tokenizer_path=, --tokenizer on the command"
+            " line), or none to use its own."
+        )
     for name in ("bos_id", "eos_id"):
         if getattr(tokenizer, name) >= args.vocab_size:
-            raise CheckpointError(f"The tokenizer's {name}={getattr(tokenizer, name)} is outside the model's "
-                                  f"{args.vocab_size} tokens: the tokenizer file is damaged or another model's.")
+            raise CheckpointError(
+                f"The tokenizer's {name}={getattr(tokenizer, name)} is outside the"
+                f" model's {args.vocab_size} tokens: the tokenizer file is damaged or"
+                " another model's."
+            )
     return tokenizer
+
 
 @contextlib.contextmanager
 def about(path):
-    "Prefix the message of a ConfigError or CheckpointError raised inside with the file it is about."
+    """Prefix the message of a ConfigError or CheckpointError raised inside with the
+    file it is about."""
     try:
         yield
     except (ConfigError, CheckpointError) as e:
@@ -180,87 +287,140 @@ def about(path):
             raise
         raise type(e)(f"{path}: {e}") from e.__cause__
 
+
 def load_gguf(path, device, dtype, tokenizer_path=None, **overrides):
-    "Model and tokenizer (from the same file unless `tokenizer_path`) of a GGUF file, dequantized tensor by tensor."
+    """Model and tokenizer (from the same file unless `tokenizer_path`) of a GGUF file,
+    dequantized tensor by tensor."""
     reader = open_gguf(path)
     with about(path):
         trained_len = gguf_metadata(reader).get("llama.context_length")
-        args = args_from_gguf(reader, **fit_context(overrides, trained_len, Path(path).name))
+        args = args_from_gguf(
+            reader, **fit_context(overrides, trained_len, Path(path).name)
+        )
         check_gguf_types(reader)
     if tokenizer_path is not None:
         from llama2_edu.tokenizer import load_tokenizer
+
         tokenizer = load_tokenizer(tokenizer_path)
     else:
         tokenizer = _gguf_tokenizer(reader)
     check_tokenizer(tokenizer, args, path)  # before any weight is read
     with torch.device("meta"):
         model = Transformer(args)
-    model = _assign(model, gguf_state_dict(reader), device, dtype, desc=f"Loading {Path(path).name}", source=path)
+    model = _assign(
+        model,
+        gguf_state_dict(reader),
+        device,
+        dtype,
+        desc=f"Loading {Path(path).name}",
+        source=path,
+    )
     return model, tokenizer
 
 # %% ../notebooks/08_loading_weights.ipynb #3a9f8c54
-META_SPLIT_DIM = {  # Meta's model-parallel split: which dimension each shard holds a slice of (None: replicated)
-    "tok_embeddings": 1,                                   # ParallelEmbedding: columns
-    "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,  # ColumnParallelLinear: output rows
-    "wo": 1, "w2": 1,                                      # RowParallelLinear: input columns
-    "attention_norm": None, "ffn_norm": None, "norm": None,  # RMSNorm weights: the same in every shard
+# Meta's model-parallel split: which dimension each shard holds a slice of (None:
+# replicated)
+META_SPLIT_DIM = {
+    "tok_embeddings": 1,  # ParallelEmbedding: columns
+    # ColumnParallelLinear: output rows
+    "wq": 0,
+    "wk": 0,
+    "wv": 0,
+    "w1": 0,
+    "w3": 0,
+    "output": 0,
+    # RowParallelLinear: input columns
+    "wo": 1,
+    "w2": 1,
+    # RMSNorm weights: the same in every shard
+    "attention_norm": None,
+    "ffn_norm": None,
+    "norm": None,
 }
 META_IGNORED = {"rope.freqs"}  # recomputed from rope_theta
 
+
 def meta_split_dim(name: str) -> Optional[int]:
-    "The dimension along which Meta's shards split tensor `name` (None: replicated), e.g. `layers.0.attention.wo.weight` -> 1."
+    """The dimension along which Meta's shards split tensor `name` (None: replicated),
+    e.g. `layers.0.attention.wo.weight` -> 1."""
     key = name.split(".")[-2]
     if key not in META_SPLIT_DIM:
-        raise CheckpointError(f"Unexpected tensor {name!r} in the checkpoint: not a Llama 2 weight. "
-                         "Check that the directory holds a Llama 2 checkpoint.")
+        raise CheckpointError(
+            f"Unexpected tensor {name!r} in the checkpoint: not a Llama 2 weight. "
+            "Check that the directory holds a Llama 2 checkpoint."
+        )
     return META_SPLIT_DIM[key]
 
 # %% ../notebooks/08_loading_weights.ipynb #6ba89f27
 def args_from_params(params: dict, n_words: int, **overrides) -> ModelArgs:
-    "`ModelArgs` from Meta's `params.json`; `vocab_size: -1` means the tokenizer's `n_words`."
+    """`ModelArgs` from Meta's `params.json`; `vocab_size: -1` means the tokenizer's
+    `n_words`."""
     known = set(ModelArgs.__dataclass_fields__)
     unknown = sorted(set(params) - known)
     if unknown:
-        raise ConfigError(f"params.json has keys this book's Llama 2 does not implement: {unknown}. "
-                         "It is probably not a Llama 2 checkpoint (Llama 3 and later need other code).")
+        raise ConfigError(
+            f"params.json has keys this book's Llama 2 does not implement: {unknown}."
+            " It is probably not a Llama 2 checkpoint (Llama 3 and later need other"
+            " code)."
+        )
     args = ModelArgs(**{**params, **overrides})
     if args.vocab_size == -1:
         args.vocab_size = n_words
     return args
 
+
 def check_shards(args: ModelArgs, n_shards: int):
-    "Each of Meta's model-parallel shards holds n_heads / n_shards query heads and n_kv_heads / n_shards KV heads."
+    """Each of Meta's model-parallel shards holds n_heads / n_shards query heads and
+    n_kv_heads / n_shards KV heads."""
     if args.n_heads % n_shards or args.n_kv_heads % n_shards:
-        raise CheckpointError(f"{n_shards} shards cannot split {args.n_heads} query heads and {args.n_kv_heads} key/value heads "
-                         "evenly: a consolidated.NN.pth file is missing or extra, or params.json belongs to another model.")
+        raise CheckpointError(
+            f"{n_shards} shards cannot split {args.n_heads} query heads and"
+            f" {args.n_kv_heads} key/value heads evenly: a consolidated.NN.pth file is"
+            " missing or extra, or params.json belongs to another model."
+        )
+
 
 def open_shard(path: Path) -> dict:
-    "A shard's tensors, memory-mapped: only the file's small pickled index is read, none of the weights."
+    """A shard's tensors, memory-mapped: only the file's small pickled index is read,
+    none of the weights."""
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # a text file, a truncated zip, a pickle of something else
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}): it is damaged or truncated; "
-                              "download it again.") from e
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}): it is damaged or truncated; "
+            "download it again."
+        ) from e
+
 
 def check_same_tensors(paths):
-    "Every shard must hold the same tensor names with the same shapes (each is one slice of the same model)."
+    """Every shard must hold the same tensor names with the same shapes (each is one
+    slice of the same model)."""
     first = open_shard(paths[0])
     for path in paths[1:]:
         shard = open_shard(path)
         if odd := sorted((first.keys() ^ shard.keys()) - META_IGNORED):
             has, lacks = (paths[0], path) if odd[0] in first else (path, paths[0])
-            raise CheckpointError(f"Tensor {odd[0]!r} is in {has.name} but not in {lacks.name}: the shards come from "
-                             "different models, or a file is damaged (download it again).")
+            raise CheckpointError(
+                f"Tensor {odd[0]!r} is in {has.name} but not in {lacks.name}: the"
+                " shards come from different models, or a file is damaged (download it"
+                " again)."
+            )
         for name, w in shard.items():
             if name not in META_IGNORED and w.shape != first[name].shape:
-                raise CheckpointError(f"Tensor {name!r} has shape {tuple(w.shape)} in {path.name} but "
-                                 f"{tuple(first[name].shape)} in the first shard: the shards come from different models.")
+                raise CheckpointError(
+                    f"Tensor {name!r} has shape {tuple(w.shape)} in {path.name} but"
+                    f" {tuple(first[name].shape)} in the first shard: the shards come"
+                    " from different models."
+                )
     return [name for name in first if name not in META_IGNORED]
 
 # %% ../notebooks/08_loading_weights.ipynb #b7e2c41a
-def copy_slice(merged: dict, name: str, w: torch.Tensor, i: int, n_shards: int, device, dtype):
-    "Put shard `i`'s slice `w` of tensor `name` in place in `merged[name]`, allocated on first use in its final dtype and device."
+def copy_slice(
+    merged: dict, name: str, w: torch.Tensor, i: int, n_shards: int, device, dtype
+):
+    """Put shard `i`'s slice `w` of tensor `name` in place in `merged[name]`, allocated
+    on first use in its final dtype and device."""
     dim = meta_split_dim(name)
     if dim is None:  # replicated: keep the first shard's copy
         if i == 0:
@@ -271,70 +431,110 @@ def copy_slice(merged: dict, name: str, w: torch.Tensor, i: int, n_shards: int, 
         shape[dim] *= n_shards
         merged[name] = torch.empty(shape, device=device, dtype=dtype)
     size = w.shape[dim]
-    merged[name].narrow(dim, i * size, size).copy_(w)  # cast and move this shard's slice in place
+    # cast and move this shard's slice in place
+    merged[name].narrow(dim, i * size, size).copy_(w)
+
 
 def meta_layer(name: str) -> str:
-    "The group a tensor is merged with: its layer (`layers.3.attention.wq.weight` -> `layers.3`), else itself."
+    """The group a tensor is merged with: its layer (`layers.3.attention.wq.weight` ->
+    `layers.3`), else itself."""
     return ".".join(name.split(".")[:2]) if name.startswith("layers.") else name
 
+
 def meta_state_dict(paths, device, dtype):
-    "Yield `(name, tensor)` of a Meta checkpoint, merging its shards a few layers at a time."
+    """Yield `(name, tensor)` of a Meta checkpoint, merging its shards a few layers at a
+    time."""
     n = len(paths)
-    if n == 1:  # nothing to merge: stream the tensors (same dtype on the CPU: no copy at all)
-        yield from ((name, w) for name, w in open_shard(paths[0]).items() if name not in META_IGNORED)
+    # nothing to merge: stream the tensors (same dtype on the CPU: no copy at all)
+    if n == 1:
+        yield from (
+            (name, w)
+            for name, w in open_shard(paths[0]).items()
+            if name not in META_IGNORED
+        )
         return
-    layers = {}  # "tok_embeddings.weight": [that name], "layers.0": [layer 0's 9 names], ...
+    # "tok_embeddings.weight": [that name], "layers.0": [layer 0's 9 names], ...
+    layers = {}
     for name in check_same_tensors(paths):
         layers.setdefault(meta_layer(name), []).append(name)
     layers = list(layers.values())
-    groups = [sum(layers[i:i + n], []) for i in range(0, len(layers), n)]  # n layers: 1/n of each is one layer's bytes
+    # n layers: 1/n of each is one layer's bytes
+    groups = [sum(layers[i : i + n], []) for i in range(0, len(layers), n)]
     for names in tqdm(groups, desc=f"Merging {n} shards", unit="group"):
         merged = {}
         for i, path in enumerate(paths):
-            shard = open_shard(path)  # mapped again for every group: reads only the index
+            # mapped again for every group: reads only the index
+            shard = open_shard(path)
             for name in names:
                 copy_slice(merged, name, shard[name], i, n, device, dtype)
-            del shard  # the last reference to the mapped file: it is unmapped, the pages we read leave our memory
+            # the last reference to the mapped file: it is unmapped, the pages we read
+            # leave our memory
+            del shard
         yield from merged.items()
 
 # %% ../notebooks/08_loading_weights.ipynb #93d7842d
 def find_tokenizer(ckpt_dir: Path, tokenizer_path=None):
-    "Llama 2's tokenizer: `tokenizer_path` if given, else `tokenizer.model` in `ckpt_dir` or its parent (Meta's download layout)."
-    from llama2_edu.tokenizer import load_tokenizer  # chapter 1: it knows where a directory keeps its tokenizer
+    """Llama 2's tokenizer: `tokenizer_path` if given, else `tokenizer.model` in
+    `ckpt_dir` or its parent (Meta's download layout)."""
+    # chapter 1: it knows where a directory keeps its tokenizer
+    from llama2_edu.tokenizer import load_tokenizer
+
     if tokenizer_path is not None:
         return load_tokenizer(tokenizer_path)
     try:
         return load_tokenizer(ckpt_dir)
     except MissingFileError:
-        raise MissingFileError(f"No tokenizer.model in {ckpt_dir} or its parent: pass tokenizer_path= (--tokenizer "
-                               "on the command line); Meta's download puts it next to the llama-2-7b/ directory.") from None
+        raise MissingFileError(
+            f"No tokenizer.model in {ckpt_dir} or its parent: pass tokenizer_path="
+            " (--tokenizer on the command line); Meta's download puts it next to the"
+            " llama-2-7b/ directory."
+        ) from None
+
 
 def read_json(path: Path) -> dict:
     "A JSON configuration file as a dict, or an error naming the file and the line."
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}): fix it, or download it again.") from None
+        raise ConfigError(
+            f"{path} is not valid JSON ({e}): fix it, or download it again."
+        ) from None
     if not isinstance(config, dict):
-        raise ConfigError(f"{path} holds a JSON {type(config).__name__}, not an object of hyper-parameters.")
+        raise ConfigError(
+            f"{path} holds a JSON {type(config).__name__}, not an object of"
+            " hyper-parameters."
+        )
     return config
 
+
 def load_meta(ckpt_dir: Path, device, dtype, tokenizer_path=None, **overrides):
-    "Model and tokenizer from Meta's `params.json` + `consolidated.NN.pth` + `tokenizer.model`."
+    """Model and tokenizer from Meta's `params.json` + `consolidated.NN.pth` +
+    `tokenizer.model`."""
     paths = sorted(ckpt_dir.glob("consolidated.*.pth"))
     if not paths:
-        raise MissingFileError(f"{ckpt_dir} has params.json but no consolidated.NN.pth weight files: "
-                                "the download is incomplete (re-run Meta's download.sh).")
+        raise MissingFileError(
+            f"{ckpt_dir} has params.json but no consolidated.NN.pth weight files: "
+            "the download is incomplete (re-run Meta's download.sh)."
+        )
     tokenizer = find_tokenizer(ckpt_dir, tokenizer_path)
     with about(ckpt_dir / "params.json"):
-        overrides = fit_context(overrides, LLAMA2_ARGS["7B"].max_seq_len, ckpt_dir.name)  # not in params.json
-        args = args_from_params(read_json(ckpt_dir / "params.json"), tokenizer.n_words, **overrides)
+        # not in params.json
+        overrides = fit_context(overrides, LLAMA2_ARGS["7B"].max_seq_len, ckpt_dir.name)
+        args = args_from_params(
+            read_json(ckpt_dir / "params.json"), tokenizer.n_words, **overrides
+        )
     check_tokenizer(tokenizer, args, ckpt_dir / "params.json")
     check_shards(args, len(paths))
     with torch.device("meta"):
         model = Transformer(args)  # shapes only: no memory
-    model = _assign(model, meta_state_dict(paths, device, dtype), device, dtype, desc=f"Loading {ckpt_dir.name}",
-                    source=ckpt_dir)
+    model = _assign(
+        model,
+        meta_state_dict(paths, device, dtype),
+        device,
+        dtype,
+        desc=f"Loading {ckpt_dir.name}",
+        source=ckpt_dir,
+    )
     return model, tokenizer
 
 # %% ../notebooks/08_loading_weights.ipynb #20a1bfd3
@@ -353,41 +553,74 @@ HF_TO_META = {  # Hugging Face's LlamaForCausalLM name -> Meta's name ({i}: laye
     "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.feed_forward.w3.weight",
 }
 
+
 def hf_to_meta_name(name: str) -> Optional[str]:
-    "Meta's name for a Hugging Face tensor name; None for buffers that are recomputed (`rotary_emb.inv_freq`)."
+    """Meta's name for a Hugging Face tensor name; None for buffers that are recomputed
+    (`rotary_emb.inv_freq`)."""
     if name.endswith("rotary_emb.inv_freq"):
         return None
     key, i = re.subn(r"^model\.layers\.(\d+)\.", "model.layers.{i}.", name)
     i = name.split(".")[2] if i else None
     if key not in HF_TO_META:
-        raise CheckpointError(f"Unexpected tensor {name!r} in the checkpoint: not a LlamaForCausalLM weight.")
+        raise CheckpointError(
+            f"Unexpected tensor {name!r} in the checkpoint: not a LlamaForCausalLM"
+            " weight."
+        )
     return HF_TO_META[key].format(i=i)
 
 # %% ../notebooks/08_loading_weights.ipynb #c324267e
 def args_from_hf_config(config: dict, **overrides) -> ModelArgs:
     "`ModelArgs` from a Hugging Face `config.json` (LlamaForCausalLM)."
     if config.get("model_type") != "llama":
-        raise ConfigError(f"Unsupported architecture {config.get('model_type')!r} in config.json: this book "
-                         "implements 'llama' (Llama 2 and the models built like it).")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}  # transformers >= 5 / < 5
+        raise ConfigError(
+            f"Unsupported architecture {config.get('model_type')!r} in config.json:"
+            " this book implements 'llama' (Llama 2 and the models built like it)."
+        )
+    # transformers >= 5 / < 5
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ConfigError(f"config.json asks for RoPE scaling {rope!r}, which this book does not implement "
-                         "(Llama 2 uses plain RoPE).")
+        raise ConfigError(
+            f"config.json asks for RoPE scaling {rope!r}, which this book does not"
+            " implement (Llama 2 uses plain RoPE)."
+        )
     if config.get("attention_bias") or config.get("mlp_bias"):
-        raise ConfigError("config.json has attention_bias or mlp_bias: Llama 2 has no biases, this is another model.")
-    required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"]
+        raise ConfigError(
+            "config.json has attention_bias or mlp_bias: Llama 2 has no biases, this is"
+            " another model."
+        )
+    required = [
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "vocab_size",
+        "intermediate_size",
+    ]
     if absent := [key for key in required if key not in config]:
-        raise ConfigError(f"config.json lacks {absent}: it is not a complete LlamaForCausalLM configuration "
-                          "(download it again from the model's repository).")
+        raise ConfigError(
+            f"config.json lacks {absent}: it is not a complete LlamaForCausalLM"
+            " configuration (download it again from the model's repository)."
+        )
     n_heads = config["num_attention_heads"]
     if not isinstance(n_heads, int) or n_heads < 1:
-        raise ConfigError(f"num_attention_heads={n_heads!r} is invalid: it must be an integer >= 1.")
-    if config.get("head_dim", config["hidden_size"] // n_heads) != config["hidden_size"] // n_heads:
-        raise ConfigError("config.json sets head_dim != hidden_size // num_attention_heads, which Llama 2 never does.")
+        raise ConfigError(
+            f"num_attention_heads={n_heads!r} is invalid: it must be an integer >= 1."
+        )
+    if (
+        config.get("head_dim", config["hidden_size"] // n_heads)
+        != config["hidden_size"] // n_heads
+    ):
+        raise ConfigError(
+            "config.json sets head_dim != hidden_size // num_attention_heads, which"
+            " Llama 2 never does."
+        )
     args = dict(
-        dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
-        ffn_hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
+        dim=config["hidden_size"],
+        n_layers=config["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=config.get("num_key_value_heads") or n_heads,
+        vocab_size=config["vocab_size"],
+        ffn_hidden_dim=config["intermediate_size"],
+        norm_eps=config.get("rms_norm_eps", 1e-6),
         rope_theta=config.get("rope_theta") or rope.get("rope_theta", 10000.0),
         tie_word_embeddings=config.get("tie_word_embeddings", False),
     )
@@ -395,26 +628,40 @@ def args_from_hf_config(config: dict, **overrides) -> ModelArgs:
 
 # %% ../notebooks/08_loading_weights.ipynb #939cbd70
 def hf_weight_files(ckpt_dir: Path) -> list:
-    "The weight files of a Hugging Face checkpoint: safetensors preferred, sharded (with an index) or not."
-    for index_name, pattern in [("model.safetensors.index.json", "*.safetensors"),
-                                ("pytorch_model.bin.index.json", "pytorch_model*.bin")]:
+    """The weight files of a Hugging Face checkpoint: safetensors preferred, sharded
+    (with an index) or not."""
+    for index_name, pattern in [
+        ("model.safetensors.index.json", "*.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model*.bin"),
+    ]:
         index = ckpt_dir / index_name
         if index.is_file():
-            files = [ckpt_dir / f for f in sorted(set(read_json(index).get("weight_map", {}).values()))]
+            files = [
+                ckpt_dir / f
+                for f in sorted(set(read_json(index).get("weight_map", {}).values()))
+            ]
             absent = [f.name for f in files if not f.is_file()]
             if absent:
-                raise MissingFileError(f"{index_name} lists weight files missing from {ckpt_dir}: {absent}. "
-                                        "The download is incomplete: download them too.")
+                raise MissingFileError(
+                    f"{index_name} lists weight files missing from {ckpt_dir}:"
+                    f" {absent}. The download is incomplete: download them too."
+                )
             return files
         if files := sorted(ckpt_dir.glob(pattern)):
             return files
-    raise MissingFileError(f"{ckpt_dir} has config.json but no weights (*.safetensors or pytorch_model*.bin): "
-                            "download them too (snapshot_download fetches the whole repository).")
+    raise MissingFileError(
+        f"{ckpt_dir} has config.json but no weights (*.safetensors or"
+        " pytorch_model*.bin): download them too (snapshot_download fetches the whole"
+        " repository)."
+    )
+
 
 def read_hf_file(path: Path):
-    "Yield `(name, tensor)` from one safetensors or PyTorch file, lazily (memory-mapped)."
+    """Yield `(name, tensor)` from one safetensors or PyTorch file, lazily
+    (memory-mapped)."""
     if path.suffix == ".safetensors":
         from safetensors import safe_open
+
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 names = list(f.keys())
@@ -423,23 +670,35 @@ def read_hf_file(path: Path):
                     yield name, w
         except Llama2EduError:
             raise
-        except Exception as e:  # safetensors' SafetensorError: a truncated or damaged file
-            raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}): it is "
-                                  "damaged or truncated; download it again.") from e
-    else:  # wq/wk are later un-permuted in place: map the file privately, whatever the global mmap default
-        private = (torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE) if hasattr(mmap, "MAP_PRIVATE")
-                   else contextlib.nullcontext())  # Windows maps privately anyway
+        # safetensors' SafetensorError: a truncated or damaged file
+        except Exception as e:
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file ({type(e).__name__}: {e}):"
+                " it is damaged or truncated; download it again."
+            ) from e
+    # wq/wk are later un-permuted in place: map the file privately, whatever the global
+    # mmap default
+    else:
+        private = (
+            torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE)
+            if hasattr(mmap, "MAP_PRIVATE")
+            else contextlib.nullcontext()
+        )  # Windows maps privately anyway
         with private:
             state_dict = open_shard(path)
         yield from state_dict.items()
 
+
 def permute_from_hf_in_place(w: torch.Tensor, n_heads: int):
-    "`permute_from_hf` written back into `w`, one head's rows at a time: the only extra memory is one head."
+    """`permute_from_hf` written back into `w`, one head's rows at a time: the only
+    extra memory is one head."""
     for rows in w.chunk(n_heads):  # (head_dim, dim)
         rows.copy_(permute_from_hf(rows, 1))
 
+
 def hf_state_dict(files, args: ModelArgs):
-    "Yield `(Meta name, tensor)` of a Hugging Face checkpoint, with wq/wk rows permuted back to Meta's interleaved RoPE order."
+    """Yield `(Meta name, tensor)` of a Hugging Face checkpoint, with wq/wk rows
+    permuted back to Meta's interleaved RoPE order."""
     for path in files:
         for name, w in read_hf_file(path):
             name = hf_to_meta_name(name)
@@ -451,42 +710,70 @@ def hf_state_dict(files, args: ModelArgs):
                 permute_from_hf_in_place(w, args.n_kv_heads)
             yield name, w
 
+
 def load_hf(ckpt_dir: Path, device, dtype, tokenizer_path=None, **overrides):
-    "Model and tokenizer from a Hugging Face checkpoint directory (`config.json`, weights, `tokenizer.model`)."
+    """Model and tokenizer from a Hugging Face checkpoint directory (`config.json`,
+    weights, `tokenizer.model`)."""
     config = read_json(ckpt_dir / "config.json")
     with about(ckpt_dir / "config.json"):
-        args = args_from_hf_config(config, **fit_context(overrides, config.get("max_position_embeddings"),
-                                                          ckpt_dir.name))
+        args = args_from_hf_config(
+            config,
+            **fit_context(
+                overrides, config.get("max_position_embeddings"), ckpt_dir.name
+            ),
+        )
     files = hf_weight_files(ckpt_dir)
-    tokenizer = check_tokenizer(find_tokenizer(ckpt_dir, tokenizer_path), args, ckpt_dir / "config.json")
+    tokenizer = check_tokenizer(
+        find_tokenizer(ckpt_dir, tokenizer_path), args, ckpt_dir / "config.json"
+    )
     with torch.device("meta"):
         model = Transformer(args)
-    model = _assign(model, hf_state_dict(files, args), device, dtype, desc=f"Loading {ckpt_dir.name}",
-                    source=ckpt_dir)
+    model = _assign(
+        model,
+        hf_state_dict(files, args),
+        device,
+        dtype,
+        desc=f"Loading {ckpt_dir.name}",
+        source=ckpt_dir,
+    )
     return model, tokenizer
 
 # %% ../notebooks/08_loading_weights.ipynb #f98abfdf
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
+
 def download_from_hub(repo_id: str) -> Path:
-    "Download a Hugging Face hub repository's weights, config and tokenizer (cached); its local directory."
+    """Download a Hugging Face hub repository's weights, config and tokenizer (cached);
+    its local directory."""
     try:
         from huggingface_hub import list_repo_files, snapshot_download
     except ImportError:
-        raise ImportError(f"{repo_id!r} looks like a Hugging Face hub id, but huggingface_hub is not installed: "
-                          "pip install huggingface_hub, or download the weights yourself and pass their directory.")
+        raise ImportError(
+            f"{repo_id!r} looks like a Hugging Face hub id, but huggingface_hub is not"
+            " installed: pip install huggingface_hub, or download the weights yourself"
+            " and pass their directory."
+        )
     try:
         files = list_repo_files(repo_id)
-        weights = ([f for f in files if f.endswith(".safetensors")] or [f for f in files if f.endswith(".gguf")][:1]
-                   or [f for f in files if re.search(r"consolidated\.\d+\.pth$", f)]
-                   or [f for f in files if f.endswith(".bin")])
-        return Path(snapshot_download(repo_id, allow_patterns=[*weights, "*.json", "tokenizer.model"]))
+        weights = (
+            [f for f in files if f.endswith(".safetensors")]
+            or [f for f in files if f.endswith(".gguf")][:1]
+            or [f for f in files if re.search(r"consolidated\.\d+\.pth$", f)]
+            or [f for f in files if f.endswith(".bin")]
+        )
+        return Path(
+            snapshot_download(
+                repo_id, allow_patterns=[*weights, "*.json", "tokenizer.model"]
+            )
+        )
     except Exception as e:
         raise DownloadError(
-            f"Could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-            "Meta's Llama 2 repositories are gated: accept the licence on the model's page, log in with "
-            "`huggingface-cli login` (or huggingface_hub.login() in Colab) and check you are online; "
-            "or download the weights yourself and pass their local directory.") from e
+            f"Could not download {repo_id!r} from the Hugging Face hub"
+            f" ({type(e).__name__}: {e}). Meta's Llama 2 repositories are gated: accept"
+            " the licence on the model's page, log in with `huggingface-cli login` (or"
+            " huggingface_hub.login() in Colab) and check you are online; or download"
+            " the weights yourself and pass their local directory."
+        ) from e
 
 # %% ../notebooks/08_loading_weights.ipynb #8467f95e
 def checkpoint_layout(path: Path) -> str:
@@ -495,8 +782,10 @@ def checkpoint_layout(path: Path) -> str:
         with open(path, "rb") as f:
             if f.read(4) == b"GGUF":
                 return "gguf"
-        raise CheckpointError(f"{path} is not a GGUF file. Pass a .gguf file, or the directory of a Meta "
-                         "(params.json) or Hugging Face (config.json) checkpoint.")
+        raise CheckpointError(
+            f"{path} is not a GGUF file. Pass a .gguf file, or the directory of a Meta "
+            "(params.json) or Hugging Face (config.json) checkpoint."
+        )
     if (path / "params.json").is_file():
         return "meta"
     if (path / "config.json").is_file():
@@ -504,38 +793,65 @@ def checkpoint_layout(path: Path) -> str:
     if len(list(path.glob("*.gguf"))) == 1:
         return "gguf"
     found = sorted(p.name for p in path.iterdir())[:8]
-    raise CheckpointError(f"Unrecognised checkpoint layout in {path} (it holds {found}): expected Meta's params.json + "
-                     "consolidated.NN.pth, Hugging Face's config.json + *.safetensors, or one .gguf file.")
+    raise CheckpointError(
+        f"Unrecognised checkpoint layout in {path} (it holds {found}): expected Meta's"
+        " params.json + consolidated.NN.pth, Hugging Face's config.json +"
+        " *.safetensors, or one .gguf file."
+    )
+
 
 def checkpoint_path(source) -> Path:
-    "The local file or directory `source` names: None is the embedded model; a hub id is downloaded (cached)."
+    """The local file or directory `source` names: None is the embedded model; a hub id
+    is downloaded (cached)."""
     if source is None:
         return embedded_model_path()
     if not isinstance(source, (str, os.PathLike)):
-        raise InputError(f"Cannot load a checkpoint from {source!r}: pass a path, a hub id, or None.")
+        raise InputError(
+            f"Cannot load a checkpoint from {source!r}: pass a path, a hub id, or None."
+        )
     path = Path(source).expanduser()
     if path.exists():  # local first
         return path
-    missing = (f"No checkpoint at {source!r}: no such file or directory. Pass a Meta or Hugging Face checkpoint "
-               "directory, a .gguf file, or a hub id like 'meta-llama/Llama-2-7b-hf'")
+    missing = (
+        f"No checkpoint at {source!r}: no such file or directory. Pass a Meta or"
+        " Hugging Face checkpoint directory, a .gguf file, or a hub id like"
+        " 'meta-llama/Llama-2-7b-hf'"
+    )
     if not (isinstance(source, str) and HUB_ID.match(source)) or path.parent.is_dir():
-        raise MissingFileError(missing + ".")  # a local path (its folder exists): never a hub id
+        # a local path (its folder exists): never a hub id
+        raise MissingFileError(missing + ".")
     try:
         return download_from_hub(source)
     except DownloadError as e:
         raise DownloadError(f"{missing}; as a hub id it failed too: {e}") from e
 
-def load_checkpoint(source=None, *, tokenizer_path=None, device=None, dtype=None,
-                    max_seq_len: Optional[int] = None, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
-    "`(Transformer, Tokenizer)` from `source`: None (the embedded model), a Meta or Hugging Face directory, a `.gguf` file or a hub id."
+
+def load_checkpoint(
+    source=None,
+    *,
+    tokenizer_path=None,
+    device=None,
+    dtype=None,
+    max_seq_len: Optional[int] = None,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+):
+    """`(Transformer, Tokenizer)` from `source`: None (the embedded model), a Meta or
+    Hugging Face directory, a `.gguf` file or a hub id."""
     device = check_device(device) if device is not None else default_device()
     dtype = check_dtype(device, dtype if dtype is not None else default_dtype(device))
     sizes = check_sizes(max_seq_len, max_batch_size)
     path = checkpoint_path(source)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: each process loads its slice (chapter 12)
+    # started by torchrun: each process loads its slice (chapter 12)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from llama2_edu.parallel import load_sharded
-        return load_sharded(path, device, dtype, tokenizer_path,
-                            **{**sizes, "max_seq_len": sizes["max_seq_len"] or DEFAULT_MAX_SEQ_LEN})
+
+        return load_sharded(
+            path,
+            device,
+            dtype,
+            tokenizer_path,
+            **{**sizes, "max_seq_len": sizes["max_seq_len"] or DEFAULT_MAX_SEQ_LEN},
+        )
     if source is None:
         return load_gguf(path, device, dtype, tokenizer_path, **sizes)
     layout = checkpoint_layout(path)

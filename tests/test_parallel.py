@@ -4,8 +4,10 @@ compute the single-process model's logits and tokens while holding only its slic
 
 Starting processes is the slow part, so there are three launches: one of 2 ranks and one of 4 (each loads many
 checkpoints, tests/parallel_worker.py), and the command line under torchrun."""
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,9 +45,15 @@ def ckpts(tmp_path_factory):
     paths = {f"meta{n}": write_meta(root / f"meta{n}", state_dict, n_shards=n) for n in (1, 2, 4)}
     hf_model = write_hf(root / "hf", state_dict, args, tokenizer_model)
     tied_args = tiny_args(tie_word_embeddings=True)
-    write_hf(root / "hf_tied", random_state_dict(tied_args, seed=1), tied_args, tokenizer_model, tie_word_embeddings=True)
-    paths["hf"], paths["hf_tied"] = root / "hf", root / "hf_tied"
-    paths["gguf"] = write_gguf(root / "tiny.gguf", state_dict, args, tokenizer_model, qtype=gguf.GGMLQuantizationType.Q8_0)
+    write_hf(root / "hf_tied", random_state_dict(tied_args, seed=1), tied_args, tokenizer_model,
+             tie_word_embeddings=True)
+    paths["hf"], paths["hf_tied"], paths["hf_bin"] = root / "hf", root / "hf_tied", root / "hf_bin"
+    paths["hf_bin"].mkdir()  # PyTorch's .bin: memory-mapped, each rank un-permutes its slice in place
+    for name in ["config.json", "tokenizer.model"]:
+        shutil.copy(root / "hf" / name, paths["hf_bin"])
+    torch.save(hf_model.state_dict(), paths["hf_bin"] / "pytorch_model.bin")
+    paths["gguf"] = write_gguf(root / "tiny.gguf", state_dict, args, tokenizer_model,
+                               qtype=gguf.GGMLQuantizationType.Q8_0)
     for name, n_kv_heads, n_shards in [("bad_heads", 3, 1),    # 3 KV heads: not for 2 ranks
                                        ("bad_shards", 6, 3)]:  # 6 heads suit 2 ranks, but 3 shards do not
         six_heads = dict(dim=48, n_heads=6, n_kv_heads=n_kv_heads)
@@ -53,7 +61,11 @@ def ckpts(tmp_path_factory):
         paths[name] = write_meta(root / name, weights, {**TINY_PARAMS, **six_heads}, n_shards=n_shards)
     with torch.no_grad():
         ref = hf_model(TOKENS).logits
-    return dict(root=root, paths=paths, ref=ref, state_dict=state_dict)
+    return dict(root=root, paths=paths, ref=ref, state_dict=state_dict, bin_sha256=bin_sha256(paths["hf_bin"]))
+
+
+def bin_sha256(ckpt):
+    return hashlib.sha256((ckpt / "pytorch_model.bin").read_bytes()).hexdigest()
 
 
 def launch(ckpts, n: int, names, entry_points=False) -> dict:
@@ -71,7 +83,8 @@ def launch(ckpts, n: int, names, entry_points=False) -> dict:
 
 @pytest.fixture(scope="module")
 def ranks2(ckpts):
-    return launch(ckpts, 2, ["meta1", "meta2", "meta4", "hf", "hf_tied", "gguf", "bad_heads", "bad_shards"],
+    return launch(ckpts, 2, ["meta1", "meta2", "meta4", "hf", "hf_bin", "hf_tied", "gguf", "bad_heads",
+                             "bad_shards"],
                   entry_points=True)
 
 
@@ -110,7 +123,7 @@ def same_as_single(results, ref):
         assert r["greedy"] == ref["greedy"] and r["seeded"] == ref["seeded"]
 
 
-@pytest.mark.parametrize("name", ["meta1", "meta2", "meta4", "hf"])
+@pytest.mark.parametrize("name", ["meta1", "meta2", "meta4", "hf", "hf_bin"])
 def test_two_ranks_match_one_process_and_transformers(ranks2, single, ckpts, name):
     results = ranks2[name]
     same_as_single(results, single["meta2"])  # the same weights in every layout
@@ -137,6 +150,11 @@ def test_four_ranks_match_one_process_and_transformers(ranks4, single, ckpts, na
         assert r["parameter_bytes"] == single["meta2"]["parameter_bytes"][4]
     total = single["meta2"]["parameter_bytes"][1]
     assert results[0]["parameter_bytes"] < 0.26 * total  # norms are the only replicated weights
+
+
+def test_ranks_never_write_the_mapped_bin_file(ranks2, ckpts):
+    "Un-permuting wq/wk in place touches a private mapping: the file on disk is unchanged."
+    assert bin_sha256(ckpts["paths"]["hf_bin"]) == ckpts["bin_sha256"]
 
 
 def test_ranks_sample_the_same_tokens(ranks2, ranks4):

@@ -161,3 +161,13 @@ def test_model_args_refuse_what_cannot_be_a_model(fields, message):
 
 def test_model_args_accept_numpy_integers():
     assert ModelArgs(dim=np.int64(64), n_heads=np.int32(4)).head_dim == 16
+
+
+def test_the_model_imports_without_the_gguf_reader():
+    "`import llama2_edu.model` needs ModelArgs, not gguf (imported only where a GGUF file is read); the package has its docstring."
+    import subprocess
+    import sys
+    code = ("import sys, llama2_edu, llama2_edu.model; assert 'gguf' not in sys.modules, 'gguf imported'; "
+            "assert llama2_edu.__doc__.startswith('llama2-edu'); assert llama2_edu.Transformer is llama2_edu.model.Transformer")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

@@ -3,11 +3,12 @@
 # %% auto #0
 __all__ = ['FLOAT_DTYPES', 'DEFAULT_MAX_SEQ_LEN', 'DEFAULT_MAX_BATCH_SIZE', 'MAX_WEIGHT', 'META_SPLIT_DIM', 'META_IGNORED',
            'HF_TO_META', 'HUB_ID', 'default_device', 'supports_bf16', 'default_dtype', 'check_device', 'check_dtype',
-           'check_sizes', 'fit_context', 'check_gguf_types', 'gguf_version', 'check_tokenizer', 'about', 'load_gguf',
-           'meta_split_dim', 'args_from_params', 'check_shards', 'open_shard', 'check_same_tensors', 'copy_slice',
-           'meta_layer', 'meta_state_dict', 'find_tokenizer', 'read_json', 'load_meta', 'hf_to_meta_name',
-           'args_from_hf_config', 'hf_weight_files', 'read_hf_file', 'permute_from_hf_in_place', 'hf_state_dict',
-           'load_hf', 'download_from_hub', 'checkpoint_layout', 'checkpoint_path', 'load_checkpoint']
+           'check_sizes', 'fit_context', 'check_gguf_types', 'gguf_version', 'check_tokenizer', 'about',
+           'read_gguf_model', 'load_gguf', 'meta_split_dim', 'args_from_params', 'check_shards', 'open_shard',
+           'check_same_tensors', 'copy_slice', 'meta_layer', 'meta_state_dict', 'find_tokenizer', 'read_json',
+           'read_meta_model', 'load_meta', 'hf_to_meta_name', 'args_from_hf_config', 'hf_weight_files', 'read_hf_file',
+           'permute_from_hf_in_place', 'hf_state_dict', 'read_hf_model', 'load_hf', 'download_from_hub',
+           'checkpoint_layout', 'checkpoint_path', 'load_checkpoint']
 
 # %% ../notebooks/08_loading_weights.ipynb #dde10dd9
 import contextlib
@@ -288,9 +289,9 @@ def about(path):
         raise type(e)(f"{path}: {e}") from e.__cause__
 
 
-def load_gguf(path, device, dtype, tokenizer_path=None, **overrides):
-    """Model and tokenizer (from the same file unless `tokenizer_path`) of a GGUF file,
-    dequantized tensor by tensor."""
+def read_gguf_model(path, tokenizer_path=None, **overrides):
+    """A GGUF file read up to its weights, every check done: `(args, tokenizer, reader)`;
+    the tokenizer comes from the same file unless `tokenizer_path`."""
     reader = open_gguf(path)
     with about(path):
         trained_len = gguf_metadata(reader).get("llama.context_length")
@@ -305,6 +306,12 @@ def load_gguf(path, device, dtype, tokenizer_path=None, **overrides):
     else:
         tokenizer = _gguf_tokenizer(reader)
     check_tokenizer(tokenizer, args, path)  # before any weight is read
+    return args, tokenizer, reader
+
+def load_gguf(path, device, dtype, tokenizer_path=None, **overrides):
+    """Model and tokenizer (from the same file unless `tokenizer_path`) of a GGUF file,
+    dequantized tensor by tensor."""
+    args, tokenizer, reader = read_gguf_model(path, tokenizer_path, **overrides)
     with torch.device("meta"):
         model = Transformer(args)
     model = _assign(
@@ -507,9 +514,9 @@ def read_json(path: Path) -> dict:
     return config
 
 
-def load_meta(ckpt_dir: Path, device, dtype, tokenizer_path=None, **overrides):
-    """Model and tokenizer from Meta's `params.json` + `consolidated.NN.pth` +
-    `tokenizer.model`."""
+def read_meta_model(ckpt_dir: Path, tokenizer_path=None, **overrides):
+    """Meta's checkpoint read up to its weights, every check done: `(args, tokenizer,
+    shard paths)`."""
     paths = sorted(ckpt_dir.glob("consolidated.*.pth"))
     if not paths:
         raise MissingFileError(
@@ -525,6 +532,12 @@ def load_meta(ckpt_dir: Path, device, dtype, tokenizer_path=None, **overrides):
         )
     check_tokenizer(tokenizer, args, ckpt_dir / "params.json")
     check_shards(args, len(paths))
+    return args, tokenizer, paths
+
+def load_meta(ckpt_dir: Path, device, dtype, tokenizer_path=None, **overrides):
+    """Model and tokenizer from Meta's `params.json` + `consolidated.NN.pth` +
+    `tokenizer.model`."""
+    args, tokenizer, paths = read_meta_model(ckpt_dir, tokenizer_path, **overrides)
     with torch.device("meta"):
         model = Transformer(args)  # shapes only: no memory
     model = _assign(
@@ -711,9 +724,9 @@ def hf_state_dict(files, args: ModelArgs):
             yield name, w
 
 
-def load_hf(ckpt_dir: Path, device, dtype, tokenizer_path=None, **overrides):
-    """Model and tokenizer from a Hugging Face checkpoint directory (`config.json`,
-    weights, `tokenizer.model`)."""
+def read_hf_model(ckpt_dir: Path, tokenizer_path=None, **overrides):
+    """A Hugging Face checkpoint read up to its weights, every check done: `(args,
+    tokenizer, weight files)`."""
     config = read_json(ckpt_dir / "config.json")
     with about(ckpt_dir / "config.json"):
         args = args_from_hf_config(
@@ -726,6 +739,12 @@ def load_hf(ckpt_dir: Path, device, dtype, tokenizer_path=None, **overrides):
     tokenizer = check_tokenizer(
         find_tokenizer(ckpt_dir, tokenizer_path), args, ckpt_dir / "config.json"
     )
+    return args, tokenizer, files
+
+def load_hf(ckpt_dir: Path, device, dtype, tokenizer_path=None, **overrides):
+    """Model and tokenizer from a Hugging Face checkpoint directory (`config.json`,
+    weights, `tokenizer.model`)."""
+    args, tokenizer, files = read_hf_model(ckpt_dir, tokenizer_path, **overrides)
     with torch.device("meta"):
         model = Transformer(args)
     model = _assign(

@@ -17,15 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import (
-    _assign, _gguf_tokenizer, about, args_from_hf_config, args_from_params, check_dtype,
-    check_gguf_types, check_shards, check_tokenizer, checkpoint_layout, default_device,
-    find_tokenizer, fit_context, hf_to_meta_name, hf_weight_files, meta_split_dim,
-    meta_state_dict, permute_from_hf_in_place, read_hf_file, read_json)
+    _assign, check_dtype, checkpoint_layout, default_device, hf_to_meta_name,
+    meta_split_dim, meta_state_dict, permute_from_hf_in_place, read_gguf_model, read_hf_file,
+    read_hf_model, read_meta_model)
 from .kv_cache import KVCache
 from .model import Transformer, ffn_hidden_dim
-from .model_file import (
-    GGUF_IGNORED, LLAMA2_ARGS, InputError, MissingFileError, ModelArgs, args_from_gguf,
-    gguf_metadata, gguf_tensor, meta_name, open_gguf)
+from .model_file import GGUF_IGNORED, InputError, ModelArgs, gguf_tensor, meta_name
 
 # %% ../notebooks/12_beyond_one_gpu.ipynb #f72deda9
 def all_reduce_output(module, inputs, output):
@@ -221,46 +218,17 @@ def load_sharded(path: Path, device, dtype, tokenizer_path=None, **overrides):
     dtype = check_dtype(device, dtype)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     layout = checkpoint_layout(path)
-    if layout == "meta":  # chapter 8's checks, in load_meta's order
-        paths = sorted(path.glob("consolidated.*.pth"))
-        if not paths:
-            raise MissingFileError(f"{path} has params.json but no consolidated.NN.pth "
-                                   "files: the download is incomplete (re-run "
-                                   "download.sh).")
-        tokenizer = find_tokenizer(path, tokenizer_path)
-        with about(path / "params.json"):
-            overrides = fit_context(overrides, LLAMA2_ARGS["7B"].max_seq_len, path.name)
-            params = read_json(path / "params.json")
-            args = args_from_params(params, tokenizer.n_words, **overrides)
-        check_tokenizer(tokenizer, args, path / "params.json")
-        check_shards(args, len(paths))
+    if layout == "meta":  # chapter 8's reading and checks, then this rank's shards
+        args, tokenizer, paths = read_meta_model(path, tokenizer_path, **overrides)
         check_world_size(args, world_size)
         shards_of_rank(len(paths), rank, world_size)  # fits, or an error now
         tensors = meta_rank_state_dict(paths, rank, world_size, device, dtype)
-    elif layout == "hf":  # as load_hf
-        config = read_json(path / "config.json")
-        with about(path / "config.json"):
-            trained_len = config.get("max_position_embeddings")
-            overrides = fit_context(overrides, trained_len, path.name)
-            args = args_from_hf_config(config, **overrides)
-        files = hf_weight_files(path)
-        tokenizer = find_tokenizer(path, tokenizer_path)
-        check_tokenizer(tokenizer, args, path / "config.json")
+    elif layout == "hf":
+        args, tokenizer, files = read_hf_model(path, tokenizer_path, **overrides)
         tensors = hf_rank_state_dict(files, args, rank, world_size)
-    else:  # as load_gguf
+    else:
         path = path if path.is_file() else next(path.glob("*.gguf"))
-        reader = open_gguf(path)
-        with about(path):
-            trained_len = gguf_metadata(reader).get("llama.context_length")
-            overrides = fit_context(overrides, trained_len, path.name)
-            args = args_from_gguf(reader, **overrides)
-            check_gguf_types(reader)
-        if tokenizer_path is not None:
-            from llama2_edu.tokenizer import load_tokenizer
-            tokenizer = load_tokenizer(tokenizer_path)
-        else:
-            tokenizer = _gguf_tokenizer(reader)
-        check_tokenizer(tokenizer, args, path)
+        args, tokenizer, reader = read_gguf_model(path, tokenizer_path, **overrides)
         tensors = gguf_rank_state_dict(reader, rank, world_size)
     with torch.device("meta"):  # this rank's shapes, no memory yet
         model = shard_model(Transformer(args), rank, world_size)

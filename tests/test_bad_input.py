@@ -126,8 +126,9 @@ def test_cli_tokenizer_of_another_model(tiny_tokenizer):
                      "The tokenizer has 384 pieces", "has 49152 tokens", "--tokenizer")
 
 
-def test_cli_missing_tokenizer_without_ckpt(tmp_path):
-    assert_one_error(cli("--tokenizer", str(tmp_path / "nope.model"), PROMPT), "No tokenizer at", "nope.model")
+def test_cli_missing_tokenizer_without_ckpt(tmp_path, capsys):
+    assert_one_error(main_in_process("--tokenizer", str(tmp_path / "nope.model"), PROMPT, capsys=capsys),
+                     "No tokenizer at", "nope.model")
 
 
 # --- the command line: checked before the weights load --------------------------------------------------------

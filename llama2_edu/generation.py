@@ -11,8 +11,12 @@ from typing import Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQ_LEN, check_device,
-                                   load_checkpoint)
+from llama2_edu.checkpoint import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_SEQ_LEN,
+    check_device,
+    load_checkpoint,
+)
 from .model import Transformer
 from .model_file import InputError, InputTypeError, ModelArgs, check_int
 from .tokenizer import Tokenizer
@@ -23,62 +27,94 @@ __all__ = ['Role', 'Dialog', 'B_INST', 'E_INST', 'B_SYS', 'E_SYS', 'SPECIAL_TAGS
            'llama2_chat_tokens', 'render_chat_template', 'Llama', 'stream_text', 'load']
 
 # %% ../notebooks/09_generation.ipynb #b5b6c304
-def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    "Meta's nucleus sampling: draw from the smallest set of most likely tokens whose probabilities sum to at least `p`."
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (bsz, vocab_size)
+def sample_top_p(
+    probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Meta's nucleus sampling: draw from the smallest set of most likely tokens whose
+    probabilities sum to at least `p`."""
+    # (bsz, vocab_size)
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
-    mask = probs_sum - probs_sort > p              # the tokens before this one already cover p: drop it
+    # the tokens before this one already cover p: drop it
+    mask = probs_sum - probs_sort > p
     probs_sort[mask] = 0.0
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (bsz, 1), a rank
-    return torch.gather(probs_idx, -1, next_token)                                  # (bsz, 1), a token id
+    # (bsz, 1), a rank
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    # (bsz, 1), a token id
+    return torch.gather(probs_idx, -1, next_token)
 
 # %% ../notebooks/09_generation.ipynb #3bb61503
 def top_k_logits(logits: torch.Tensor, k: Optional[int]) -> torch.Tensor:
-    "Keep the `k` largest logits of each row and set the others to -inf (`k` None or 0: keep all)."
+    """Keep the `k` largest logits of each row and set the others to -inf (`k` None or
+    0: keep all)."""
     if not k or k >= logits.size(-1):
         return logits
     kth_best = torch.topk(logits, k, dim=-1).values[..., -1:]  # (bsz, 1)
     return logits.masked_fill(logits < kth_best, float("-inf"))
 
 # %% ../notebooks/09_generation.ipynb #3b3989d1
-def check_sampling(temperature: float, top_p: float, top_k: Optional[int] = None, max_gen_len: Optional[int] = None):
+def check_sampling(
+    temperature: float,
+    top_p: float,
+    top_k: Optional[int] = None,
+    max_gen_len: Optional[int] = None,
+):
     "Raise a ValueError naming the bad sampling parameter and its valid range."
     real = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool)
     if not (real(temperature) and math.isfinite(temperature) and temperature >= 0):
-        raise InputError(f"temperature={temperature!r} is invalid: use a number >= 0 (0 means greedy decoding).")
+        raise InputError(
+            f"temperature={temperature!r} is invalid: use a number >= 0 (0 means greedy"
+            " decoding)."
+        )
     if not (real(top_p) and 0 < top_p <= 1):
-        raise InputError(f"top_p={top_p!r} is invalid: use a probability in (0, 1] (1 keeps every token).")
+        raise InputError(
+            f"top_p={top_p!r} is invalid: use a probability in (0, 1] (1 keeps every"
+            " token)."
+        )
     if top_k is not None:
         check_int("top_k", top_k, minimum=0)  # 0 keeps every token
     if max_gen_len is not None:
         check_int("max_gen_len", max_gen_len, minimum=0)
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.6, top_p: float = 0.9, top_k: Optional[int] = None,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    "The next token (bsz,) from last-position logits (bsz, vocab_size): argmax if temperature is 0, else sampled."
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    top_k: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """The next token (bsz,) from last-position logits (bsz, vocab_size): argmax if
+    temperature is 0, else sampled."""
     if temperature == 0:
         return torch.argmax(logits, dim=-1)
-    logits = logits - logits.amax(dim=-1, keepdim=True)  # the best is 0: a tiny temperature cannot overflow
-    probs = torch.softmax(top_k_logits(logits / temperature, top_k), dim=-1)  # (bsz, vocab_size)
+    # the best is 0: a tiny temperature cannot overflow
+    logits = logits - logits.amax(dim=-1, keepdim=True)
+    # (bsz, vocab_size)
+    probs = torch.softmax(top_k_logits(logits / temperature, top_k), dim=-1)
     return sample_top_p(probs, top_p, generator).reshape(-1)
 
 # %% ../notebooks/09_generation.ipynb #9d5d235c
 Role = Literal["system", "user", "assistant"]
 
+
 class Message(TypedDict):
     role: Role
     content: str
 
+
 class CompletionPrediction(TypedDict, total=False):
     generation: str
-    tokens: List[str]     # only with logprobs=True
-    logprobs: List[float] # only with logprobs=True
+    tokens: List[str]  # only with logprobs=True
+    logprobs: List[float]  # only with logprobs=True
+
 
 class ChatPrediction(TypedDict, total=False):
     generation: Message
-    tokens: List[str]     # only with logprobs=True
-    logprobs: List[float] # only with logprobs=True
+    tokens: List[str]  # only with logprobs=True
+    logprobs: List[float]  # only with logprobs=True
+
 
 Dialog = List[Message]
 
@@ -87,71 +123,146 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
 UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 
+
 def check_dialog(dialog: Dialog) -> Dialog:
-    "Raise an error naming the problem unless `dialog` is a list of messages [system?], user, assistant, ..., user."
+    """Raise an error naming the problem unless `dialog` is a list of messages
+    [system?], user, assistant, ..., user."""
     if isinstance(dialog, (str, dict)) or not isinstance(dialog, (list, tuple)):
-        raise InputTypeError(f"A dialog is a list of messages, e.g. [{{'role': 'user', 'content': 'Hello'}}], "
-                             f"not a {type(dialog).__name__}; chat_completion takes a list of dialogs.")
+        raise InputTypeError(
+            "A dialog is a list of messages, e.g. [{'role': 'user', 'content':"
+            f" 'Hello'}}], not a {type(dialog).__name__}; chat_completion takes a list"
+            " of dialogs."
+        )
     for i, m in enumerate(dialog):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise InputError(f"Message {i} of the dialog is {m!r}: each message is a dict with a 'role' and a "
-                             "str 'content', e.g. {'role': 'user', 'content': 'Hello'}.")
+        if not (
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+        ):
+            raise InputError(
+                f"Message {i} of the dialog is {m!r}: each message is a dict with a"
+                " 'role' and a str 'content', e.g. {'role': 'user', 'content':"
+                " 'Hello'}."
+            )
     if not dialog or (dialog[0]["role"] == "system" and len(dialog) == 1):
-        raise InputError("A dialog needs at least one user message, e.g. [{'role': 'user', 'content': 'Hello'}].")
+        raise InputError(
+            "A dialog needs at least one user message, e.g. [{'role': 'user',"
+            " 'content': 'Hello'}]."
+        )
     turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
-    if not (all(m["role"] == "user" for m in turns[::2]) and all(m["role"] == "assistant" for m in turns[1::2])):
-        raise InputError("The model only supports 'system', 'user' and 'assistant' roles, starting with 'system', "
-                         f"then 'user' and alternating (u/a/u/a/u...); got {[m['role'] for m in dialog]}.")
+    if not (
+        all(m["role"] == "user" for m in turns[::2])
+        and all(m["role"] == "assistant" for m in turns[1::2])
+    ):
+        raise InputError(
+            "The model only supports 'system', 'user' and 'assistant' roles, starting"
+            " with 'system', then 'user' and alternating (u/a/u/a/u...); got"
+            f" {[m['role'] for m in dialog]}."
+        )
     if turns[-1]["role"] != "user":
-        raise InputError(f"The last message must be from the user, got {turns[-1]['role']!r}.")
+        raise InputError(
+            f"The last message must be from the user, got {turns[-1]['role']!r}."
+        )
     return dialog
 
+
 def llama2_chat_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
-    "Meta's Llama 2 chat prompt: `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>` per turn."
+    """Meta's Llama 2 chat prompt, per turn:
+    `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>`."""
     dialog = check_dialog(dialog)
-    if dialog[0]["role"] == "system":  # the system prompt goes inside the first user message
-        dialog = [{"role": dialog[1]["role"], "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}]\
-                 + dialog[2:]
+    # the system prompt goes inside the first user message
+    if dialog[0]["role"] == "system":
+        dialog = [
+            {
+                "role": dialog[1]["role"],
+                "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"],
+            }
+        ] + dialog[2:]
     tokens = []
-    for prompt, answer in zip(dialog[::2], dialog[1::2]):  # each finished turn: its own <s> ... </s>
-        tokens += tokenizer.encode(f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} ",
-                                   bos=True, eos=True)
-    tokens += tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
+    # each finished turn: its own <s> ... </s>
+    for prompt, answer in zip(dialog[::2], dialog[1::2]):
+        tokens += tokenizer.encode(
+            f"{B_INST} {prompt['content'].strip()} {E_INST}"
+            f" {answer['content'].strip()} ",
+            bos=True,
+            eos=True,
+        )
+    tokens += tokenizer.encode(
+        f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False
+    )
     return tokens
 
-def render_chat_template(template: str, dialog: Dialog, bos_token: str = "", eos_token: str = "",
-                         add_generation_prompt: bool = True) -> str:
-    "Render a Jinja chat template (as stored in GGUF and Hugging Face tokenizers) for `dialog`."
+
+def render_chat_template(
+    template: str,
+    dialog: Dialog,
+    bos_token: str = "",
+    eos_token: str = "",
+    add_generation_prompt: bool = True,
+) -> str:
+    """Render a Jinja chat template (as stored in GGUF and Hugging Face tokenizers) for
+    `dialog`."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     def raise_exception(message):
         raise InputError(f"The chat template refused the dialog: {message}")
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=list(dialog), bos_token=bos_token, eos_token=eos_token,
-                                            add_generation_prompt=add_generation_prompt)
+    return env.from_string(template).render(
+        messages=list(dialog),
+        bos_token=bos_token,
+        eos_token=eos_token,
+        add_generation_prompt=add_generation_prompt,
+    )
 
 # %% ../notebooks/09_generation.ipynb #e11be870
 class Llama:
-    "A model and its tokenizer, with Meta's generation API: `generate`, `text_completion`, `chat_completion`, `stream`."
+    """A model and its tokenizer, with Meta's generation API: `generate`,
+    `text_completion`, `chat_completion`, `stream`."""
+
     @staticmethod
-    def build(ckpt_dir, tokenizer_path=None, max_seq_len: Optional[int] = None,
-              max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, model_parallel_size: Optional[int] = None,
-              seed: int = 1, *, device=None, dtype=None) -> "Llama":
-        """Meta's `Llama.build`: load a checkpoint (any source `load` accepts). Started by torchrun, each process
-        loads its slice (chapter 12) and `model_parallel_size`, if given, must be the number of processes; else
-        shards are merged onto one device and it is ignored. `seed` seeds this object's own random generator,
+    def build(
+        ckpt_dir,
+        tokenizer_path=None,
+        max_seq_len: Optional[int] = None,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        model_parallel_size: Optional[int] = None,
+        seed: int = 1,
+        *,
+        device=None,
+        dtype=None,
+    ) -> "Llama":
+        """Meta's `Llama.build`: load a checkpoint (any source `load` accepts). Started
+        by torchrun, each process
+        loads its slice (chapter 12) and `model_parallel_size`, if given, must be the
+        number of processes; else
+        shards are merged onto one device and it is ignored. `seed` seeds this
+        object's own random generator,
         alike on every rank (Meta seeds torch's global one)."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size > 1 and model_parallel_size not in (None, world_size):
-            raise InputError(f"model_parallel_size={model_parallel_size}, but torchrun started {world_size} "
-                             f"processes: pass model_parallel_size={world_size}, or leave it out.")
-        model, tokenizer = load_checkpoint(ckpt_dir, tokenizer_path=tokenizer_path, device=device, dtype=dtype,
-                                           max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+            raise InputError(
+                f"model_parallel_size={model_parallel_size}, but torchrun started"
+                f" {world_size} processes: pass model_parallel_size={world_size}, or"
+                " leave it out."
+            )
+        model, tokenizer = load_checkpoint(
+            ckpt_dir,
+            tokenizer_path=tokenizer_path,
+            device=device,
+            dtype=dtype,
+            max_seq_len=max_seq_len,
+            max_batch_size=max_batch_size,
+        )
         return Llama(model, tokenizer, seed=seed)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: Optional[int] = None):
+    def __init__(
+        self, model: Transformer, tokenizer: Tokenizer, seed: Optional[int] = None
+    ):
         self.model, self.tokenizer, self.seed = model, tokenizer, seed
-        self.generator = None  # created on the model's device on first use when `seed` is set
+        # created on the model's device on first use when `seed` is set
+        self.generator = None
 
     @property
     def args(self) -> ModelArgs:
@@ -162,7 +273,8 @@ class Llama:
         return next(self.model.parameters()).device
 
     def _generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
-        "A fresh generator for a call's `seed`; else this object's own (seeded once); else None (torch's global RNG)."
+        """A fresh generator for a call's `seed`; else this object's own (seeded once);
+        else None (torch's global RNG)."""
         if seed is not None:
             return torch.Generator(self.device).manual_seed(seed)
         if self.seed is not None and self.generator is None:
@@ -171,208 +283,423 @@ class Llama:
 
     def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]]):
         params = self.model.params
-        if isinstance(prompt_tokens, str) or any(isinstance(t, (int, str)) for t in prompt_tokens):
-            raise InputTypeError("prompt_tokens must be a list of prompts, each a list of token ids: write generate([ids]).")
+        if isinstance(prompt_tokens, str) or any(
+            isinstance(t, (int, str)) for t in prompt_tokens
+        ):
+            raise InputTypeError(
+                "prompt_tokens must be a list of prompts, each a list of token ids:"
+                " write generate([ids])."
+            )
         if not len(prompt_tokens):
             raise InputError("No prompts: pass a list with at least one prompt.")
         if len(prompt_tokens) > params.max_batch_size:
-            raise InputError(f"{len(prompt_tokens)} prompts are more than max_batch_size={params.max_batch_size}: "
-                             "pass fewer prompts at once, or load the model with a larger max_batch_size.")
+            raise InputError(
+                f"{len(prompt_tokens)} prompts are more than"
+                f" max_batch_size={params.max_batch_size}: pass fewer prompts at once,"
+                " or load the model with a larger max_batch_size."
+            )
         for i, t in enumerate(prompt_tokens):
             if len(t) == 0:
-                raise InputError(f"Prompt {i} is empty (no tokens): give the model at least one token to continue.")
+                raise InputError(
+                    f"Prompt {i} is empty (no tokens): give the model at least one"
+                    " token to continue."
+                )
             if len(t) > params.max_seq_len:
-                raise InputError(f"Prompt {i} has {len(t)} tokens, more than max_seq_len={params.max_seq_len}: "
-                                 "shorten it, or load the model with a larger max_seq_len.")
+                raise InputError(
+                    f"Prompt {i} has {len(t)} tokens, more than"
+                    f" max_seq_len={params.max_seq_len}: shorten it, or load the model"
+                    " with a larger max_seq_len."
+                )
             self.tokenizer.check_ids(t)  # every id a row of the embedding
 
-    def _batch(self, prompt_tokens: List[List[int]], max_gen_len: int):
-        """The batch layout: prompts right-aligned in `tokens` (bsz, total_len), all ending at `prompt_end`, the
-        longest prompt's length; `pad` (bsz, total_len) is True at the left padding of shorter prompts (or None)."""
-        device = self.device
-        prompt_lens = torch.tensor([len(t) for t in prompt_tokens], device=device)  # (bsz,)
-        prompt_end = int(prompt_lens.max())
-        total_len = min(self.model.params.max_seq_len, max_gen_len + prompt_end)
-        tokens = torch.zeros((len(prompt_tokens), total_len), dtype=torch.long, device=device)
-        for k, t in enumerate(prompt_tokens):
-            tokens[k, prompt_end - len(t) : prompt_end] = torch.tensor(t, dtype=torch.long, device=device)
-        pad = torch.arange(total_len, device=device) < (prompt_end - prompt_lens)[:, None]  # (bsz, total_len)
-        return tokens, (pad if bool(pad.any()) else None), prompt_end
+# %% ../notebooks/09_generation.ipynb #a9c3e1d2
+def _batch(self: Llama, prompt_tokens: List[List[int]], max_gen_len: int):
+    """The batch layout: prompts right-aligned in `tokens` (bsz, total_len), all ending
+    at `prompt_end`, the
+    longest prompt's length; `pad` (bsz, total_len) is True at the left padding of
+    shorter prompts (or None).
+    """
+    device = self.device
+    prompt_lens = torch.tensor([len(t) for t in prompt_tokens], device=device)  # (bsz,)
+    prompt_end = int(prompt_lens.max())
+    total_len = min(self.model.params.max_seq_len, max_gen_len + prompt_end)
+    tokens = torch.zeros(
+        (len(prompt_tokens), total_len), dtype=torch.long, device=device
+    )
+    for k, t in enumerate(prompt_tokens):
+        tokens[k, prompt_end - len(t) : prompt_end] = torch.tensor(
+            t, dtype=torch.long, device=device
+        )
+    # (bsz, total_len)
+    pad = torch.arange(total_len, device=device) < (prompt_end - prompt_lens)[:, None]
+    return tokens, (pad if bool(pad.any()) else None), prompt_end
 
-    def _decode_steps(self, tokens, pad, prompt_end, temperature, top_p, top_k, generator, all_logits=False,
-                      ignore_eos=False):
-        """The decoding loop: one forward pass over every prompt in full (the prefill), then one position per
-        step, filling `tokens` in place; yield `(prev_pos, cur_pos, logits)` after each step, until every sequence
-        has produced EOS (unless `ignore_eos`) or `tokens` is full. Logits are those of the last position only,
-        unless `all_logits`."""
-        eos_reached = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        prev_pos = 0
-        for cur_pos in range(prompt_end, tokens.shape[1]):
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not all_logits,
-                                        pad=None if pad is None else pad[:, :cur_pos])  # (bsz, seqlen or 1, vocab)
-            next_token = sample_next(logits[:, -1], temperature, top_p, top_k, generator)  # (bsz,)
-            tokens[:, cur_pos] = next_token
-            eos_reached |= next_token == self.tokenizer.eos_id
-            yield prev_pos, cur_pos, logits
-            prev_pos = cur_pos
-            if not ignore_eos and eos_reached.all():
-                break
 
-    @torch.inference_mode()
-    def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6, top_p: float = 0.9,
-                 logprobs: bool = False, echo: bool = False, *, top_k: Optional[int] = None,
-                 seed: Optional[int] = None, ignore_eos: bool = False) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
-        """Meta's batched decoding loop: continue each prompt (a list of token ids) until EOS or `max_gen_len` tokens
-        (exactly `max_gen_len`, EOS included, with `ignore_eos=True`, as benchmarks want)."""
-        self._check_prompts(prompt_tokens)
-        check_sampling(temperature, top_p, top_k, max_gen_len)
-        eos_id = self.tokenizer.eos_id
-        tokens, pad, prompt_end = self._batch(prompt_tokens, max_gen_len)
-        token_logprobs = torch.zeros(tokens.shape, dtype=torch.float, device=tokens.device) if logprobs else None
+def _decode_steps(
+    self: Llama,
+    tokens,
+    pad,
+    prompt_end,
+    temperature,
+    top_p,
+    top_k,
+    generator,
+    all_logits=False,
+    ignore_eos=False,
+):
+    """The decoding loop: one forward pass over every prompt in full (the prefill), then
+    one position per
+    step, filling `tokens` in place; yield `(prev_pos, cur_pos, logits)` after each
+    step, until every sequence
+    has produced EOS (unless `ignore_eos`) or `tokens` is full. Logits are those of
+    the last position only,
+    unless `all_logits`."""
+    eos_reached = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    prev_pos = 0
+    for cur_pos in range(prompt_end, tokens.shape[1]):
+        logits = self.model.forward(
+            tokens[:, prev_pos:cur_pos],
+            prev_pos,
+            last_only=not all_logits,
+            # (bsz, seqlen or 1, vocab)
+            pad=None if pad is None else pad[:, :cur_pos],
+        )
+        # (bsz,)
+        next_token = sample_next(logits[:, -1], temperature, top_p, top_k, generator)
+        tokens[:, cur_pos] = next_token
+        eos_reached |= next_token == self.tokenizer.eos_id
+        yield prev_pos, cur_pos, logits
+        prev_pos = cur_pos
+        if not ignore_eos and eos_reached.all():
+            break
 
-        if prompt_end == tokens.shape[1] and logprobs:  # nothing to generate: score the prompts
-            logits = self.model.forward(tokens, 0, pad=pad)
-            token_logprobs[:, 1:] = -F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
-        steps = self._decode_steps(tokens, pad, prompt_end, temperature, top_p, top_k, self._generator(seed),
-                                   all_logits=logprobs, ignore_eos=ignore_eos)
-        for prev_pos, cur_pos, logits in steps:
-            if logprobs:  # logits at positions prev_pos.. predict the tokens at prev_pos + 1..
-                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
-                    logits.transpose(1, 2), tokens[:, prev_pos + 1 : cur_pos + 1], reduction="none")
 
-        out_tokens, out_logprobs = [], []
-        token_logprobs = token_logprobs.tolist() if logprobs else None
-        for i, toks in enumerate(tokens.tolist()):
-            first = prompt_end - len(prompt_tokens[i])  # where this prompt starts, after its padding
-            start = first if echo else prompt_end
-            toks = toks[start : prompt_end + max_gen_len]  # cut to max_gen_len
-            probs = token_logprobs[i][start : prompt_end + max_gen_len] if logprobs else None
-            if logprobs and echo:
-                probs[0] = 0.0  # the first token of a sequence has no log-probability: 0, as in Meta's code
-            generated = toks[prompt_end - start :]
-            if eos_id in generated and not ignore_eos:  # cut at the first EOS the model wrote (not in the prompt)
-                end = prompt_end - start + generated.index(eos_id)
-                toks, probs = toks[:end], probs[:end] if logprobs else None
-            out_tokens.append(toks)
-            out_logprobs.append(probs)
-        return out_tokens, out_logprobs if logprobs else None
+Llama._batch = _batch
+Llama._decode_steps = _decode_steps
 
-    def _generate_all(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo=False, **kw):
-        "`generate` on any number of prompts: `max_batch_size` at a time (chunk k seeded with seed + k)."
-        size, seed = self.model.params.max_batch_size, kw.pop("seed", None)
-        out_tokens, out_logprobs = [], []
-        for k in range(0, max(len(prompt_tokens), 1), size):
-            toks, probs = self.generate(prompt_tokens[k : k + size], max_gen_len, temperature, top_p, logprobs, echo,
-                                        seed=None if seed is None else seed + k // size, **kw)
-            out_tokens += toks
-            out_logprobs += probs or []
-        return out_tokens, out_logprobs if logprobs else None
+# %% ../notebooks/09_generation.ipynb #b8d4f2e3
+@torch.inference_mode()
+def _generate(
+    self: Llama,
+    prompt_tokens: List[List[int]],
+    max_gen_len: int,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    logprobs: bool = False,
+    echo: bool = False,
+    *,
+    top_k: Optional[int] = None,
+    seed: Optional[int] = None,
+    ignore_eos: bool = False
+) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+    """Meta's batched decoding loop: continue each prompt (a list of token ids) until
+    EOS or `max_gen_len` tokens
+    (exactly `max_gen_len`, EOS included, with `ignore_eos=True`, as benchmarks want).
+    """
+    self._check_prompts(prompt_tokens)
+    check_sampling(temperature, top_p, top_k, max_gen_len)
+    eos_id = self.tokenizer.eos_id
+    tokens, pad, prompt_end = self._batch(prompt_tokens, max_gen_len)
+    token_logprobs = (
+        torch.zeros(tokens.shape, dtype=torch.float, device=tokens.device)
+        if logprobs
+        else None
+    )
 
-    def default_max_gen_len(self, max_gen_len: Optional[int]) -> int:
-        "Meta's default when `max_gen_len` is None: as many tokens as the KV cache holds after one prompt token."
-        return self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+    # nothing to generate: score the prompts
+    if prompt_end == tokens.shape[1] and logprobs:
+        logits = self.model.forward(tokens, 0, pad=pad)
+        token_logprobs[:, 1:] = -F.cross_entropy(
+            logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none"
+        )
+    steps = self._decode_steps(
+        tokens,
+        pad,
+        prompt_end,
+        temperature,
+        top_p,
+        top_k,
+        self._generator(seed),
+        all_logits=logprobs,
+        ignore_eos=ignore_eos,
+    )
+    for prev_pos, cur_pos, logits in steps:
+        # logits at positions prev_pos.. predict the tokens at prev_pos + 1..
+        if logprobs:
+            token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
+                logits.transpose(1, 2),
+                tokens[:, prev_pos + 1 : cur_pos + 1],
+                reduction="none",
+            )
 
-    def encode_prompt(self, prompt: str) -> List[int]:
-        "A text prompt's token ids, with a BOS token if the model expects one (Llama 2: yes; the embedded model: no)."
-        return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False)
+    out_tokens, out_logprobs = [], []
+    token_logprobs = token_logprobs.tolist() if logprobs else None
+    for i, toks in enumerate(tokens.tolist()):
+        # where this prompt starts, after its padding
+        first = prompt_end - len(prompt_tokens[i])
+        start = first if echo else prompt_end
+        toks = toks[start : prompt_end + max_gen_len]  # cut to max_gen_len
+        probs = (
+            token_logprobs[i][start : prompt_end + max_gen_len] if logprobs else None
+        )
+        if logprobs and echo:
+            # the first token of a sequence has no log-probability: 0, as in Meta's code
+            probs[0] = 0.0
+        generated = toks[prompt_end - start :]
+        # cut at the first EOS the model wrote (not in the prompt)
+        if eos_id in generated and not ignore_eos:
+            end = prompt_end - start + generated.index(eos_id)
+            toks, probs = toks[:end], probs[:end] if logprobs else None
+        out_tokens.append(toks)
+        out_logprobs.append(probs)
+    return out_tokens, out_logprobs if logprobs else None
 
-    def encode_dialog(self, dialog: Dialog) -> List[int]:
-        "A dialog's token ids in the checkpoint's chat format: its own Jinja template if it has one, else Llama 2's."
-        template = getattr(self.tokenizer, "chat_template", None)
-        if not template:
-            return llama2_chat_tokens(self.tokenizer, dialog)
-        tok = self.tokenizer
-        text = render_chat_template(template, check_dialog(dialog), bos_token=tok.id_to_piece(tok.bos_id),
-                                    eos_token=tok.id_to_piece(tok.eos_id))
-        return tok.encode_markup(text)  # the template writes the special tokens (<s>, <|im_start|>) as text
 
-    def is_unsafe(self, dialog: Dialog) -> bool:
-        "True if a message smuggles in chat markup: Llama 2's tags, or the tokenizer's special tokens with a template."
-        tags = SPECIAL_TAGS
-        if getattr(self.tokenizer, "chat_template", None):  # [INST] stays markup for Llama 2's own template
-            tags = SPECIAL_TAGS + [piece for piece in self.tokenizer.special_tokens if piece]
-        return any(tag in msg["content"] for tag in tags for msg in check_dialog(dialog))
+Llama.generate = _generate
 
-    def _predictions(self, generation_tokens, generation_logprobs, wrap=lambda text: text, unsafe=None):
-        unsafe = unsafe or [False] * len(generation_tokens)
-        out = []
-        for i, t in enumerate(generation_tokens):
-            pred = {"generation": wrap(UNSAFE_ERROR if unsafe[i] else self.tokenizer.decode(t))}
-            if generation_logprobs is not None:
-                pred["tokens"] = self.tokenizer.token_texts(t)  # in context: SentencePiece keeps its spaces
-                pred["logprobs"] = generation_logprobs[i]
-            out.append(pred)
-        return out
+# %% ../notebooks/09_generation.ipynb #c7e5a3f4
+def _generate_all(
+    self: Llama,
+    prompt_tokens,
+    max_gen_len,
+    temperature,
+    top_p,
+    logprobs,
+    echo=False,
+    **kw
+):
+    """`generate` on any number of prompts: `max_batch_size` at a time (chunk k seeded
+    with seed + k)."""
+    size, seed = self.model.params.max_batch_size, kw.pop("seed", None)
+    out_tokens, out_logprobs = [], []
+    for k in range(0, max(len(prompt_tokens), 1), size):
+        toks, probs = self.generate(
+            prompt_tokens[k : k + size],
+            max_gen_len,
+            temperature,
+            top_p,
+            logprobs,
+            echo,
+            seed=None if seed is None else seed + k // size,
+            **kw
+        )
+        out_tokens += toks
+        out_logprobs += probs or []
+    return out_tokens, out_logprobs if logprobs else None
 
-    def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
-                        max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False, *,
-                        top_k: Optional[int] = None, seed: Optional[int] = None,
-                        ignore_eos: bool = False) -> List[CompletionPrediction]:
-        "Meta's `text_completion`: continue each prompt (any number: `max_batch_size` at a time); one dict per prompt."
-        if isinstance(prompts, str):
-            raise InputTypeError("prompts must be a list of strings: write text_completion([prompt]).")
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise InputTypeError(f"prompts[{i}] is {prompt!r}: each prompt must be a str.")
-        max_gen_len = self.default_max_gen_len(max_gen_len)
-        prompt_tokens = [self.encode_prompt(x) for x in prompts]
-        generation_tokens, generation_logprobs = self._generate_all(prompt_tokens, max_gen_len, temperature, top_p,
-                                                                    logprobs, echo, top_k=top_k, seed=seed,
-                                                                    ignore_eos=ignore_eos)
-        return self._predictions(generation_tokens, generation_logprobs)
 
-    def chat_completion(self, dialogs: List[Dialog], temperature: float = 0.6, top_p: float = 0.9,
-                        max_gen_len: Optional[int] = None, logprobs: bool = False, *,
-                        top_k: Optional[int] = None, seed: Optional[int] = None) -> List[ChatPrediction]:
-        "Meta's `chat_completion`: the assistant's next message for each dialog (any number), in its chat format."
-        if isinstance(dialogs, dict) or (isinstance(dialogs, (list, tuple)) and dialogs and isinstance(dialogs[0], dict)):
-            raise InputTypeError("dialogs must be a list of dialogs, each a list of messages: "
-                                 "write chat_completion([dialog]).")
-        max_gen_len = self.default_max_gen_len(max_gen_len)
-        prompt_tokens = [self.encode_dialog(dialog) for dialog in dialogs]
-        unsafe = [self.is_unsafe(dialog) for dialog in dialogs]
-        generation_tokens, generation_logprobs = self._generate_all(prompt_tokens, max_gen_len, temperature, top_p,
-                                                                    logprobs, top_k=top_k, seed=seed)
-        return self._predictions(generation_tokens, generation_logprobs, unsafe=unsafe,
-                                 wrap=lambda text: {"role": "assistant", "content": text})
+def _default_max_gen_len(self: Llama, max_gen_len: Optional[int]) -> int:
+    """Meta's default when `max_gen_len` is None: as many tokens as the KV cache holds
+    after one prompt token."""
+    return self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+
+
+def _encode_prompt(self: Llama, prompt: str) -> List[int]:
+    """A text prompt's token ids, with a BOS token if the model expects one (Llama 2:
+    yes; the embedded model: no)."""
+    return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False)
+
+
+def _encode_dialog(self: Llama, dialog: Dialog) -> List[int]:
+    """A dialog's token ids in the checkpoint's chat format: its own Jinja template if
+    it has one, else Llama 2's."""
+    template = getattr(self.tokenizer, "chat_template", None)
+    if not template:
+        return llama2_chat_tokens(self.tokenizer, dialog)
+    tok = self.tokenizer
+    text = render_chat_template(
+        template,
+        check_dialog(dialog),
+        bos_token=tok.id_to_piece(tok.bos_id),
+        eos_token=tok.id_to_piece(tok.eos_id),
+    )
+    # the template writes the special tokens (<s>, <|im_start|>) as text
+    return tok.encode_markup(text)
+
+
+def _is_unsafe(self: Llama, dialog: Dialog) -> bool:
+    """True if a message smuggles in chat markup: Llama 2's tags, or the tokenizer's
+    special tokens with a template."""
+    tags = SPECIAL_TAGS
+    # [INST] stays markup for Llama 2's own template
+    if getattr(self.tokenizer, "chat_template", None):
+        tags = SPECIAL_TAGS + [
+            piece for piece in self.tokenizer.special_tokens if piece
+        ]
+    return any(tag in msg["content"] for tag in tags for msg in check_dialog(dialog))
+
+
+def _predictions(
+    self: Llama,
+    generation_tokens,
+    generation_logprobs,
+    wrap=lambda text: text,
+    unsafe=None,
+):
+    unsafe = unsafe or [False] * len(generation_tokens)
+    out = []
+    for i, t in enumerate(generation_tokens):
+        pred = {
+            "generation": wrap(UNSAFE_ERROR if unsafe[i] else self.tokenizer.decode(t))
+        }
+        if generation_logprobs is not None:
+            # in context: SentencePiece keeps its spaces
+            pred["tokens"] = self.tokenizer.token_texts(t)
+            pred["logprobs"] = generation_logprobs[i]
+        out.append(pred)
+    return out
+
+
+Llama._generate_all = _generate_all
+Llama.default_max_gen_len = _default_max_gen_len
+Llama.encode_prompt = _encode_prompt
+Llama.encode_dialog = _encode_dialog
+Llama.is_unsafe = _is_unsafe
+Llama._predictions = _predictions
+
+# %% ../notebooks/09_generation.ipynb #d6f6b4a5
+def _text_completion(
+    self: Llama,
+    prompts: List[str],
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_gen_len: Optional[int] = None,
+    logprobs: bool = False,
+    echo: bool = False,
+    *,
+    top_k: Optional[int] = None,
+    seed: Optional[int] = None,
+    ignore_eos: bool = False,
+) -> List[CompletionPrediction]:
+    """Meta's `text_completion`: continue each prompt (any number: `max_batch_size` at a
+    time); one dict per prompt."""
+    if isinstance(prompts, str):
+        raise InputTypeError(
+            "prompts must be a list of strings: write text_completion([prompt])."
+        )
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise InputTypeError(
+                f"prompts[{i}] is {prompt!r}: each prompt must be a str."
+            )
+    max_gen_len = self.default_max_gen_len(max_gen_len)
+    prompt_tokens = [self.encode_prompt(x) for x in prompts]
+    generation_tokens, generation_logprobs = self._generate_all(
+        prompt_tokens,
+        max_gen_len,
+        temperature,
+        top_p,
+        logprobs,
+        echo,
+        top_k=top_k,
+        seed=seed,
+        ignore_eos=ignore_eos,
+    )
+    return self._predictions(generation_tokens, generation_logprobs)
+
+
+def _chat_completion(
+    self: Llama,
+    dialogs: List[Dialog],
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_gen_len: Optional[int] = None,
+    logprobs: bool = False,
+    *,
+    top_k: Optional[int] = None,
+    seed: Optional[int] = None,
+) -> List[ChatPrediction]:
+    """Meta's `chat_completion`: the assistant's next message for each dialog (any
+    number), in its chat format."""
+    if isinstance(dialogs, dict) or (
+        isinstance(dialogs, (list, tuple)) and dialogs and isinstance(dialogs[0], dict)
+    ):
+        raise InputTypeError(
+            "dialogs must be a list of dialogs, each a list of messages: "
+            "write chat_completion([dialog])."
+        )
+    max_gen_len = self.default_max_gen_len(max_gen_len)
+    prompt_tokens = [self.encode_dialog(dialog) for dialog in dialogs]
+    unsafe = [self.is_unsafe(dialog) for dialog in dialogs]
+    generation_tokens, generation_logprobs = self._generate_all(
+        prompt_tokens, max_gen_len, temperature, top_p, logprobs, top_k=top_k, seed=seed
+    )
+    return self._predictions(
+        generation_tokens,
+        generation_logprobs,
+        unsafe=unsafe,
+        wrap=lambda text: {"role": "assistant", "content": text},
+    )
+
+
+Llama.text_completion = _text_completion
+Llama.chat_completion = _chat_completion
 
 # %% ../notebooks/09_generation.ipynb #e8b0bb5c
 @torch.inference_mode()
-def _generate_stream(self: Llama, prompt_tokens: List[int], max_gen_len: int, temperature: float = 0.6,
-                     top_p: float = 0.9, *, top_k: Optional[int] = None, seed: Optional[int] = None) -> Iterator[int]:
-    "Yield the token ids `generate` would produce for one prompt, one at a time, as soon as each is sampled."
+def _generate_stream(
+    self: Llama,
+    prompt_tokens: List[int],
+    max_gen_len: int,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    *,
+    top_k: Optional[int] = None,
+    seed: Optional[int] = None
+) -> Iterator[int]:
+    """Yield the token ids `generate` would produce for one prompt, one at a time, as
+    soon as each is sampled."""
     self._check_prompts([prompt_tokens])
     check_sampling(temperature, top_p, top_k, max_gen_len)
-    tokens, pad, prompt_end = self._batch([prompt_tokens], max_gen_len)  # (1, total_len), no padding
-    for _, cur_pos, _ in self._decode_steps(tokens, pad, prompt_end, temperature, top_p, top_k, self._generator(seed)):
+    # (1, total_len), no padding
+    tokens, pad, prompt_end = self._batch([prompt_tokens], max_gen_len)
+    for _, cur_pos, _ in self._decode_steps(
+        tokens, pad, prompt_end, temperature, top_p, top_k, self._generator(seed)
+    ):
         token = tokens[0, cur_pos].item()
         if token == self.tokenizer.eos_id:
             return
         yield token
 
+
 Llama.generate_stream = _generate_stream
 
+
 def stream_text(tokenizer: Tokenizer, token_ids: Iterator[int]) -> Iterator[str]:
-    """Turn a stream of token ids into a stream of text whose concatenation is `tokenizer.decode(all ids)`.
-    Text is released only once it is final: never half a UTF-8 character (U+FFFD), and always decoded together
+    """Turn a stream of token ids into a stream of text whose concatenation is
+    `tokenizer.decode(all ids)`.
+    Text is released only once it is final: never half a UTF-8 character (U+FFFD),
+    and always decoded together
     with the token before it, so SentencePiece's leading spaces come out right."""
     ids: List[int] = []
-    prefix_offset = read_offset = 0  # decode ids[prefix_offset:], of which ids[prefix_offset:read_offset] is out
+    # decode ids[prefix_offset:], of which ids[prefix_offset:read_offset] is out
+    prefix_offset = read_offset = 0
     for token in token_ids:
         ids.append(token)
         prefix_text = tokenizer.decode(ids[prefix_offset:read_offset])
         new_text = tokenizer.decode(ids[prefix_offset:])
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            yield new_text[len(prefix_text):]
+            yield new_text[len(prefix_text) :]
             prefix_offset, read_offset = read_offset, len(ids)
-    rest = tokenizer.decode(ids[prefix_offset:])[len(tokenizer.decode(ids[prefix_offset:read_offset])):]
+    rest = tokenizer.decode(ids[prefix_offset:])[
+        len(tokenizer.decode(ids[prefix_offset:read_offset])) :
+    ]
     if rest:
         yield rest
 
-def _stream(self: Llama, prompt: Union[str, Dialog], temperature: float = 0.6, top_p: float = 0.9,
-            max_gen_len: Optional[int] = None, *, top_k: Optional[int] = None,
-            seed: Optional[int] = None) -> Iterator[str]:
-    "Yield the completion of a text prompt (a str) or the answer to a dialog (a list of messages) piece by piece."
+
+def _stream(
+    self: Llama,
+    prompt: Union[str, Dialog],
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_gen_len: Optional[int] = None,
+    *,
+    top_k: Optional[int] = None,
+    seed: Optional[int] = None
+) -> Iterator[str]:
+    """Yield the completion of a text prompt (a str) or the answer to a dialog (a list
+    of messages) piece by piece."""
     max_gen_len = self.default_max_gen_len(max_gen_len)
     if isinstance(prompt, str):
         prompt_tokens = self.encode_prompt(prompt)
@@ -381,28 +708,59 @@ def _stream(self: Llama, prompt: Union[str, Dialog], temperature: float = 0.6, t
         if self.is_unsafe(prompt):
             yield UNSAFE_ERROR
             return
-    yield from stream_text(self.tokenizer, self.generate_stream(prompt_tokens, max_gen_len, temperature, top_p,
-                                                                top_k=top_k, seed=seed))
+    yield from stream_text(
+        self.tokenizer,
+        self.generate_stream(
+            prompt_tokens, max_gen_len, temperature, top_p, top_k=top_k, seed=seed
+        ),
+    )
+
 
 Llama.stream = _stream
 
 # %% ../notebooks/09_generation.ipynb #6904470f
-def load(source=None, *, tokenizer_path=None, device=None, dtype=None, max_seq_len: Optional[int] = None,
-         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, seed: Optional[int] = None, quantize="auto") -> Llama:
-    """Load a model ready to generate: `source` None is the embedded SmolLM2-135M; else a Meta or Hugging Face
-    checkpoint directory, a `.gguf` file or a Hugging Face hub id. Device and dtype default to the best available.
-    `quantize` (chapter 11): 'auto' runs a GGUF file at its own precision and other checkpoints in bf16, unless
-    `dtype` is given (then: plain layers in that dtype); 'int8' or 'int4' quantizes the weights; None: plain layers."""
+def load(
+    source=None,
+    *,
+    tokenizer_path=None,
+    device=None,
+    dtype=None,
+    max_seq_len: Optional[int] = None,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    seed: Optional[int] = None,
+    quantize="auto",
+) -> Llama:
+    """Load a model ready to generate: `source` None is the embedded SmolLM2-135M; else
+    a Meta or Hugging Face
+    checkpoint directory, a `.gguf` file or a Hugging Face hub id. Device and dtype
+    default to the best available.
+    `quantize` (chapter 11): 'auto' runs a GGUF file at its own precision and other
+    checkpoints in bf16, unless
+    `dtype` is given (then: plain layers in that dtype); 'int8' or 'int4' quantizes
+    the weights; None: plain layers.
+    """
     from llama2_edu.quantize import load_plan, quantize_model  # chapter 11
-    device = check_device(device) if device is not None else None  # before anything looks at the device
+
+    # before anything looks at the device
+    device = check_device(device) if device is not None else None
     mode, dtype, reader = load_plan(source, quantize, device, dtype)
-    if mode is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun (chapter 12)
+    # under torchrun (chapter 12)
+    if mode is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if quantize != "auto":
-            raise InputError(f"quantize={quantize!r} is not combined with tensor parallelism (torchrun): "
-                             "pass quantize=None, and each process loads its slice in plain layers.")
+            raise InputError(
+                f"quantize={quantize!r} is not combined with tensor parallelism"
+                " (torchrun): pass quantize=None, and each process loads its slice in"
+                " plain layers."
+            )
         mode, reader = None, None  # a GGUF file's slices are dequantized to `dtype`
-    model, tokenizer = load_checkpoint(source, tokenizer_path=tokenizer_path, device=device, dtype=dtype,
-                                       max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    model, tokenizer = load_checkpoint(
+        source,
+        tokenizer_path=tokenizer_path,
+        device=device,
+        dtype=dtype,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+    )
     if mode is not None:
         quantize_model(model, mode, reader, dtype=dtype)
     return Llama(model, tokenizer, seed=seed)

@@ -17,6 +17,10 @@ def source(cell):
     return "".join(cell["source"])
 
 
+def tags(cell):
+    return cell.get("metadata", {}).get("tags", [])
+
+
 def test_toc_lists_every_chapter_in_order():
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
@@ -43,7 +47,7 @@ def test_every_notebook_has_stored_outputs():
     for nb in NOTEBOOKS:
         code = [c for c in cells(nb) if c["cell_type"] == "code" and source(c).strip()]
         unexecuted = [i for i, c in enumerate(code) if c.get("execution_count") is None
-                      and "NBVAL_SKIP" not in source(c) and "remove-cell" not in c.get("metadata", {}).get("tags", [])]
+                      and "nbval-skip" not in tags(c) and "remove-cell" not in tags(c)]
         assert not unexecuted, f"{nb.name}: code cells {unexecuted} were never run (python tools/run_notebooks.py {nb.name})"
 
 
@@ -54,3 +58,14 @@ def test_one_module_per_notebook():
         assert len(names) == 1, f"{nb.name}: needs exactly one #| default_exp"
         exports[nb.name] = names[0]
     assert len(set(exports.values())) == len(exports), exports
+
+
+def test_nbval_markers_are_cell_tags_not_comments():
+    "nbval's comment markers would show in the book's code: the cells carry the tags instead."
+    for nb in NOTEBOOKS:
+        for i, c in enumerate(cells(nb)):
+            if c["cell_type"] == "code":
+                marked = re.findall(r"^\s*#\s*NBVAL_\w+", source(c), re.M)
+                assert not marked, f"{nb.name} cell {i}: {marked[0]!r}: use the tag nbval-skip / nbval-ignore-output"
+                if "nbval-skip" in tags(c):
+                    assert "skip-execution" in tags(c), f"{nb.name} cell {i}: nbval-skip without skip-execution"

@@ -61,15 +61,17 @@ def random_weights(args, dtype) -> dict:
 
 def write(layout: str, root: Path, gb: float, dtype) -> Path:
     "Write the checkpoint in a subprocess-free way; returns its directory."
-    from checkpoints import tiny_args, to_hf, train_tokenizer, write_meta
+    from checkpoints import hf_config, tiny_args, to_hf, write_meta
     from safetensors.torch import save_file
 
-    from checkpoints import hf_config
+    from llama2_edu.tokenizer import fetch_llama2_vocab
     params = params_for(gb, dtype)
     args = tiny_args(**{k: v for k, v in params.items()}, max_seq_len=16, max_batch_size=1)
+    # Llama 2's own 32,000-piece tokenizer.model (the loader checks it against the weights' vocabulary),
+    # beside the Meta directories, where Meta's download puts it
     tokenizer = root / "tokenizer.model"
     if not tokenizer.exists():
-        train_tokenizer(tokenizer)
+        tokenizer.write_bytes((fetch_llama2_vocab().parent / "tokenizer.model").read_bytes())
     state_dict = random_weights(args, dtype)
     if layout.startswith("meta"):
         n_shards = int(layout[4:] or 1)

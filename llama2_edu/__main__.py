@@ -27,7 +27,9 @@ DTYPES = {
 
 
 class OneLineParser(argparse.ArgumentParser):
-    "argparse, but a usage error is one line on stderr, `error: ...`, like every other error (exit code 2)."
+    """argparse, but a usage error is one line on stderr, `error: ...`, like every other
+    error (exit code 2)."""
+
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
@@ -193,16 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 # %% ../notebooks/10_command_line.ipynb #5d2aa84c
 def read_prompt(args, parser) -> str:
-    "The prompt from the argument, --file, or standard input, in that order: UTF-8 text."
+    """The prompt from the argument, --file, or standard input, in that order: UTF-8
+    text."""
     from llama2_edu.model_file import InputError
 
     if args.prompt is not None and args.prompt != "-":
         if args.file:
-            parser.error("give the prompt either as an argument or with --file, not both")
+            parser.error(
+                "give the prompt either as an argument or with --file, not both"
+            )
         try:  # arguments that were not UTF-8 arrive as lone surrogates
             return args.prompt.encode("utf-8", "strict").decode("utf-8")
         except UnicodeEncodeError:
-            raise InputError("the PROMPT argument is not UTF-8 text: pass UTF-8, or use --file") from None
+            raise InputError(
+                "the PROMPT argument is not UTF-8 text: pass UTF-8, or use --file"
+            ) from None
     if args.file:
         path = Path(args.file)
         if path.is_dir():
@@ -211,16 +218,21 @@ def read_prompt(args, parser) -> str:
             parser.error(f"--file {args.file}: no such file")
         data, source = path.read_bytes(), f"--file {args.file}"
     elif args.prompt == "-" or not sys.stdin.isatty():
-        stdin = getattr(sys.stdin, "buffer", None)  # bytes, decoded below: no locale guesswork
+        # bytes, decoded below: no locale guesswork
+        stdin = getattr(sys.stdin, "buffer", None)
         data = stdin.read() if stdin is not None else sys.stdin.read().encode("utf-8")
         source = "standard input"
     else:
-        parser.error("no prompt: give it as an argument, with --file PATH, or on standard input")
+        parser.error(
+            "no prompt: give it as an argument, with --file PATH, or on standard input"
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(f"{source} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): "
-                         "save it as UTF-8") from None
+        raise InputError(
+            f"{source} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset"
+            f" {e.start}): save it as UTF-8"
+        ) from None
     return text[:-1] if text.endswith("\n") else text
 
 # %% ../notebooks/10_command_line.ipynb #14debfc5
@@ -268,15 +280,22 @@ def check_options(args):
     from llama2_edu.model_file import InputError
 
     if args.max_seq_len is not None and args.max_seq_len < 1:
-        raise InputError(f"--max-seq-len {args.max_seq_len} is invalid: it must be an integer >= 1 "
-                         "(the positions the KV cache holds)")
+        raise InputError(
+            f"--max-seq-len {args.max_seq_len} is invalid: it must be an integer >= 1 "
+            "(the positions the KV cache holds)"
+        )
     if args.max_gen_len < 0:
-        raise InputError(f"--max-gen-len {args.max_gen_len} is invalid: it must be an integer >= 0")
+        raise InputError(
+            f"--max-gen-len {args.max_gen_len} is invalid: it must be an integer >= 0"
+        )
     room = args.max_seq_len or DEFAULT_MAX_SEQ_LEN
     if args.max_gen_len >= room:
-        raise InputError(f"--max-gen-len {args.max_gen_len} does not fit the KV cache of --max-seq-len {room} "
-                         "positions, which prompt and completion share: lower --max-gen-len, or raise "
-                         "--max-seq-len (up to the context the model was trained for)")
+        raise InputError(
+            f"--max-gen-len {args.max_gen_len} does not fit the KV cache of"
+            f" --max-seq-len {room} positions, which prompt and completion share: lower"
+            " --max-gen-len, or raise --max-seq-len (up to the context the model was"
+            " trained for)"
+        )
     check_sampling(args.temperature, args.top_p, args.top_k, args.max_gen_len)
 
 
@@ -287,24 +306,44 @@ def generate(args, prompt: str, stream: bool):
     from llama2_edu.model_file import InputError
 
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    llama = load(args.ckpt, tokenizer_path=args.tokenizer, device=args.device, dtype=dtype,
-                 max_seq_len=args.max_seq_len, max_batch_size=1,
-                 quantize=None if args.quantize == "none" else args.quantize)
-    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                    max_gen_len=args.max_gen_len)
+    llama = load(
+        args.ckpt,
+        tokenizer_path=args.tokenizer,
+        device=args.device,
+        dtype=dtype,
+        max_seq_len=args.max_seq_len,
+        max_batch_size=1,
+        quantize=None if args.quantize == "none" else args.quantize,
+    )
+    sampling = dict(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        max_gen_len=args.max_gen_len,
+    )
     if args.chat:
-        dialog = ([{"role": "system", "content": args.system}] if args.system else []) \
-                 + [{"role": "user", "content": prompt}]
+        dialog = (
+            [{"role": "system", "content": args.system}] if args.system else []
+        ) + [{"role": "user", "content": prompt}]
         if llama.is_unsafe(dialog):
-            raise InputError("the --chat message contains special tags ([INST], <<SYS>>, or the tokenizer's "
-                             "special tokens such as <s> or <|im_start|>) that would rewrite the conversation: "
-                             "remove them, or drop --chat to continue the text as it is")
-    n_prompt = len(llama.encode_dialog(dialog) if args.chat else llama.encode_prompt(prompt))
+            raise InputError(
+                "the --chat message contains special tags ([INST], <<SYS>>, or the"
+                " tokenizer's special tokens such as <s> or <|im_start|>) that would"
+                " rewrite the conversation: remove them, or drop --chat to continue the"
+                " text as it is"
+            )
+    n_prompt = len(
+        llama.encode_dialog(dialog) if args.chat else llama.encode_prompt(prompt)
+    )
     room = llama.args.max_seq_len - n_prompt
     if args.max_gen_len > room:
-        print(f"warning: the prompt's {n_prompt} tokens leave room for {max(room, 0)} of the {args.max_gen_len} "
-              f"tokens of --max-gen-len in --max-seq-len {llama.args.max_seq_len}: raise --max-seq-len to get "
-              "them all", file=sys.stderr)
+        print(
+            f"warning: the prompt's {n_prompt} tokens leave room for {max(room, 0)} of"
+            f" the {args.max_gen_len} tokens of --max-gen-len in --max-seq-len"
+            f" {llama.args.max_seq_len}: raise --max-seq-len to get them all",
+            file=sys.stderr,
+        )
     if args.echo:
         print(prompt, end="" if not args.chat else "\n", flush=True)
     if stream:
@@ -318,17 +357,22 @@ def generate(args, prompt: str, stream: bool):
 
 
 def main(argv=None) -> int:
-    """Entry point of `python -m llama2_edu` and of the `llama2-edu` console script. Every problem ends as one
-    line on stderr, `error: ...`, and a non-zero exit code (2 for usage errors, 130 for Ctrl-C)."""
+    """Entry point of `python -m llama2_edu` and of the `llama2-edu` console script.
+    Every problem ends as one
+    line on stderr, `error: ...`, and a non-zero exit code (2 for usage errors, 130
+    for Ctrl-C).
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
-    quiet = int(os.environ.get("RANK", "0")) > 0  # torchrun starts one copy per rank (chapter 12)
+    # torchrun starts one copy per rank (chapter 12)
+    quiet = int(os.environ.get("RANK", "0")) > 0
     try:
         if argv[:1] == ["fetch-tokenizer"]:
             return fetch_tokenizer_main(argv[1:])
         parser = build_parser()
         args = parser.parse_args(argv)
         prompt = read_prompt(args, parser)
-        stream = sys.stdout.isatty() if args.stream is None else args.stream  # the same on every rank
+        # the same on every rank
+        stream = sys.stdout.isatty() if args.stream is None else args.stream
         if quiet:  # only rank 0 prints
             sys.stdout = open(os.devnull, "w")
         check_options(args)
@@ -347,10 +391,13 @@ def main(argv=None) -> int:
 
 
 def explained(e: Exception) -> bool:
-    "Errors whose message says what to fix: the package's own, and those about files, values and imports."
+    """Errors whose message says what to fix: the package's own, and those about files,
+    values and imports."""
     from llama2_edu.model_file import Llama2EduError
 
-    return isinstance(e, (Llama2EduError, ValueError, OSError, ImportError, NotImplementedError))
+    return isinstance(
+        e, (Llama2EduError, ValueError, OSError, ImportError, NotImplementedError)
+    )
 
 
 # run as a program, not in a notebook

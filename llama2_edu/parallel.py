@@ -16,13 +16,29 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import (
-    _assign, check_dtype, checkpoint_layout, default_device, hf_to_meta_name,
-    meta_split_dim, meta_state_dict, permute_from_hf_in_place, read_gguf_model, read_hf_file,
-    read_hf_model, read_meta_model)
+from llama2_edu.checkpoint import (
+    _assign,
+    check_dtype,
+    checkpoint_layout,
+    default_device,
+    hf_to_meta_name,
+    meta_split_dim,
+    meta_state_dict,
+    permute_from_hf_in_place,
+    read_gguf_model,
+    read_hf_file,
+    read_hf_model,
+    read_meta_model,
+)
 from .kv_cache import KVCache
 from .model import Transformer, ffn_hidden_dim
-from .model_file import GGUF_IGNORED, InputError, ModelArgs, gguf_tensor, meta_name
+from llama2_edu.model_file import (
+    GGUF_IGNORED,
+    InputError,
+    ModelArgs,
+    gguf_tensor,
+    meta_name,
+)
 
 # %% ../notebooks/12_beyond_one_gpu.ipynb #f72deda9
 def all_reduce_output(module, inputs, output):

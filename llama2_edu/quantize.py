@@ -20,62 +20,99 @@ from .model_file import embedded_model_path, gguf_tensor, meta_name, open_gguf
 # %% ../notebooks/11_making_it_fast.ipynb #24e56097
 def quantize_int8(w: torch.Tensor):
     "Symmetric int8 per output channel: w ≈ q * scales[:, None], q in [-127, 127]."
-    scales = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127      # (out_features,)
+    scales = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127  # (out_features,)
     q = torch.round(w.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scales                                                  # (out_features, in_features), (out_features,)
+    # (out_features, in_features), (out_features,)
+    return q, scales
+
 
 class Int8Linear(nn.Module):
-    "Weight-only int8 linear layer: y = (x @ q.T) * scales, one scale per output channel."
+    """Weight-only int8 linear layer: y = (x @ q.T) * scales, one scale per output
+    channel."""
+
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16):
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.register_buffer("weight", q)                             # (out_features, in_features) int8
-        self.register_buffer("scales", scales.to(dtype))              # (out_features,) in the activations' dtype
+        # (out_features, in_features) int8
+        self.register_buffer("weight", q)
+        # (out_features,) in the activations' dtype
+        self.register_buffer("scales", scales.to(dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:              # (..., in_features)
+    # (..., in_features)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.scales.dtype)
         if x.device.type != "cpu":
             return self.forward_fused(x)
-        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
-        return y.view(*x.shape[:-1], self.out_features)               # (..., out_features)
+        y = torch._weight_int8pack_mm(
+            x.reshape(-1, self.in_features), self.weight, self.scales
+        )
+        # (..., out_features)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        "gpt-fast's GPU form: the cast to x's dtype is fused into the matmul by torch.compile."
+        """gpt-fast's GPU form: the cast to x's dtype is fused into the matmul by
+        torch.compile."""
         return F.linear(x, self.weight.to(x.dtype)) * self.scales
 
 # %% ../notebooks/11_making_it_fast.ipynb #6eaec7ca
 def quantize_int4(w: torch.Tensor, groupsize: int = 32):
-    "Asymmetric int4 per group of `groupsize` inputs: w ≈ (q - 8) * scale + zero, q in [0, 15] (gpt-fast's layout)."
+    """Asymmetric int4 per group of `groupsize` inputs: w ≈ (q - 8) * scale + zero, q in
+    [0, 15] (gpt-fast's layout)."""
     out_features, in_features = w.shape
-    groups = w.float().reshape(out_features, in_features // groupsize, groupsize)  # (out, n_groups, groupsize)
-    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)                           # (out, n_groups)
+    # (out, n_groups, groupsize)
+    groups = w.float().reshape(out_features, in_features // groupsize, groupsize)
+    # (out, n_groups)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
     scales = (hi - lo).clamp(min=1e-12) / 15
     zeros = lo + 8 * scales
     q = torch.round((groups - lo[..., None]) / scales[..., None]).clamp(0, 15)
     return q.reshape(out_features, in_features).to(torch.int32), scales, zeros
 
-def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    "The weights (out_features, in_features) that int4 values and their group scales and zeros stand for."
+
+def dequantize_int4(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+) -> torch.Tensor:
+    """The weights (out_features, in_features) that int4 values and their group scales
+    and zeros stand for."""
     out_features, in_features = q.shape
-    groups = q.reshape(out_features, scales.shape[1], -1).float() - 8           # (out, n_groups, groupsize)
-    return (groups * scales[..., None] + zeros[..., None]).reshape(out_features, in_features)
+    # (out, n_groups, groupsize)
+    groups = q.reshape(out_features, scales.shape[1], -1).float() - 8
+    return (groups * scales[..., None] + zeros[..., None]).reshape(
+        out_features, in_features
+    )
+
 
 def pack_int4_cuda(q: torch.Tensor) -> torch.Tensor:
-    "Two 4-bit values per byte, even columns in the high nibble: what CUDA's `_convert_weight_to_int4pack` takes."
-    return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)                        # (out_features, in_features // 2)
+    """Two 4-bit values per byte, even columns in the high nibble: what CUDA's
+    `_convert_weight_to_int4pack` takes."""
+    # (out_features, in_features // 2)
+    return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+
 
 def inner_k_tiles(in_features: int) -> int:
-    "The CUDA int4 kernel's tiling of the input dimension: the largest of 8, 4, 2 with in_features % (16 * tiles) == 0."
+    """The CUDA int4 kernel's tiling of the input dimension: the largest of 8, 4, 2 with
+    in_features % (16 * tiles) == 0."""
     for tiles in (8, 4, 2):
         if in_features % (16 * tiles) == 0:
             return tiles
-    raise ValueError(f"in_features={in_features} is not a multiple of 32, which the CUDA int4 kernel needs: "
-                     "use quantize='int8' for this model.")
+    raise ValueError(
+        f"in_features={in_features} is not a multiple of 32, which the CUDA int4 kernel"
+        " needs: use quantize='int8' for this model."
+    )
+
 
 class Int4Linear(nn.Module):
-    "Weight-only int4 linear layer: each group of `groupsize` weights of a row shares a scale and a zero."
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groupsize: int = 32,
-                 dtype=torch.bfloat16):
+    """Weight-only int4 linear layer: each group of `groupsize` weights of a row shares
+    a scale and a zero."""
+
+    def __init__(
+        self,
+        q: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        groupsize: int = 32,
+        dtype=torch.bfloat16,
+    ):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.groupsize = groupsize
@@ -84,42 +121,79 @@ class Int4Linear(nn.Module):
             packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
         else:
             if dtype != torch.bfloat16:
-                raise ValueError(f"The CUDA int4 kernel needs bfloat16 activations, not {dtype} (a T4 has no bf16): "
-                                 "use quantize='int8' on this GPU.")
-            packed = torch._convert_weight_to_int4pack(pack_int4_cuda(q), inner_k_tiles(self.in_features))
+                raise ValueError(
+                    f"The CUDA int4 kernel needs bfloat16 activations, not {dtype} (a"
+                    " T4 has no bf16): use quantize='int8' on this GPU."
+                )
+            packed = torch._convert_weight_to_int4pack(
+                pack_int4_cuda(q), inner_k_tiles(self.in_features)
+            )
         self.register_buffer("weight", packed)
-        scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1)     # (n_groups, out_features, 2)
-        self.register_buffer("scales_and_zeros", scales_and_zeros.contiguous().to(dtype))
+        # (n_groups, out_features, 2)
+        scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1)
+        self.register_buffer(
+            "scales_and_zeros", scales_and_zeros.contiguous().to(dtype)
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:                             # (..., in_features)
-        x2 = x.to(self.scales_and_zeros.dtype).reshape(-1, self.in_features)       # (tokens, in_features)
-        mm = torch._weight_int4pack_mm_for_cpu if x.device.type == "cpu" else torch._weight_int4pack_mm
-        y = mm(x2, self.weight, self.groupsize, self.scales_and_zeros)             # (tokens, out_features)
+    # (..., in_features)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (tokens, in_features)
+        x2 = x.to(self.scales_and_zeros.dtype).reshape(-1, self.in_features)
+        mm = (
+            torch._weight_int4pack_mm_for_cpu
+            if x.device.type == "cpu"
+            else torch._weight_int4pack_mm
+        )
+        # (tokens, out_features)
+        y = mm(x2, self.weight, self.groupsize, self.scales_and_zeros)
         return y.view(*x.shape[:-1], self.out_features)
 
 # %% ../notebooks/11_making_it_fast.ipynb #9ceec4ed
 def gguf_int4(t) -> tuple:
-    "The Q4_0 / Q4_1 blocks of a GGUF tensor as int4 groups of 32: (q, scales, zeros), exactly the file's weights."
+    """The Q4_0 / Q4_1 blocks of a GGUF tensor as int4 groups of 32: (q, scales, zeros),
+    exactly the file's weights."""
     if t.tensor_type not in (GGML.Q4_0, GGML.Q4_1):
-        raise ValueError(f"{t.name} is {t.tensor_type.name}, not Q4_0 or Q4_1: it has no int4 blocks to keep.")
+        raise ValueError(
+            f"{t.name} is {t.tensor_type.name}, not Q4_0 or Q4_1: it has no int4 blocks"
+            " to keep."
+        )
     rows = t.data.shape[0]
-    block = 18 if t.tensor_type == GGML.Q4_0 else 20             # bytes per 32 weights: f16 d, (f16 m), 16 of nibbles
-    blocks = np.asarray(t.data).reshape(rows, -1, block)         # (out_features, n_groups, block)
-    half = lambda offset: torch.from_numpy(blocks[..., offset:offset + 2].copy().view(np.float16)[..., 0]).float()
-    nibbles = blocks[..., block - 16:]                            # (out_features, n_groups, 16)
-    q = np.concatenate([nibbles & 0xF, nibbles >> 4], axis=-1)   # weights 0..15 in low nibbles, 16..31 in high
-    q = torch.from_numpy(q.reshape(rows, -1).astype(np.int32))   # (out_features, in_features)
-    d = half(0)                                                   # (out_features, n_groups)
-    if t.tensor_type == GGML.Q4_0:                                # w = d (q - 8)
+    # bytes per 32 weights: f16 d, (f16 m), 16 of nibbles
+    block = 18 if t.tensor_type == GGML.Q4_0 else 20
+    # (out_features, n_groups, block)
+    blocks = np.asarray(t.data).reshape(rows, -1, block)
+    half = lambda offset: torch.from_numpy(
+        blocks[..., offset : offset + 2].copy().view(np.float16)[..., 0]
+    ).float()
+    # (out_features, n_groups, 16)
+    nibbles = blocks[..., block - 16 :]
+    # weights 0..15 in low nibbles, 16..31 in high
+    q = np.concatenate([nibbles & 0xF, nibbles >> 4], axis=-1)
+    # (out_features, in_features)
+    q = torch.from_numpy(q.reshape(rows, -1).astype(np.int32))
+    # (out_features, n_groups)
+    d = half(0)
+    if t.tensor_type == GGML.Q4_0:  # w = d (q - 8)
         return q, d, torch.zeros_like(d)
-    return q, d, half(2) + 8 * d                                  # w = d q + m = (q - 8) d + (m + 8 d)
+    # w = d q + m = (q - 8) d + (m + 8 d)
+    return q, d, half(2) + 8 * d
 
 # %% ../notebooks/11_making_it_fast.ipynb #58e84179
 QUANTIZE_MODES = ("int8", "int4", "gguf")
 
-def quantized_linear(weight: torch.Tensor, mode: str, tensor=None, groupsize: int = 32, dtype=torch.bfloat16):
-    """The quantized replacement of a linear layer of `weight` (out_features, in_features), or None to keep it.
-    `tensor`: the same weight as a GGUF file stores it, so that Q4_0/Q4_1 blocks are kept exactly."""
+
+def quantized_linear(
+    weight: torch.Tensor,
+    mode: str,
+    tensor=None,
+    groupsize: int = 32,
+    dtype=torch.bfloat16,
+):
+    """The quantized replacement of a linear layer of `weight` (out_features,
+    in_features), or None to keep it.
+    `tensor`: the same weight as a GGUF file stores it, so that Q4_0/Q4_1 blocks are
+    kept exactly.
+    """
     kind = tensor.tensor_type if tensor is not None else None
     if mode == "gguf":  # the file's own precision
         mode = {GGML.Q4_0: "int4", GGML.Q4_1: "int4", GGML.Q8_0: "int8"}.get(kind)
@@ -129,38 +203,67 @@ def quantized_linear(weight: torch.Tensor, mode: str, tensor=None, groupsize: in
     if mode == "int4" and kind in (GGML.Q4_0, GGML.Q4_1) and groupsize == 32:
         q, scales, zeros = gguf_int4(tensor)
         return Int4Linear(q.to(device), scales.to(device), zeros.to(device), 32, dtype)
-    w = gguf_tensor(tensor).to(device) if tensor is not None else weight  # the file's values if we have them
+    # the file's values if we have them
+    w = gguf_tensor(tensor).to(device) if tensor is not None else weight
     if mode == "int8":
         return Int8Linear(*quantize_int8(w), dtype=dtype)
     if w.shape[1] % groupsize:
-        raise ValueError(f"in_features={w.shape[1]} is not a multiple of groupsize={groupsize}: "
-                         "choose a groupsize that divides it, or use quantize='int8'.")
+        raise ValueError(
+            f"in_features={w.shape[1]} is not a multiple of groupsize={groupsize}: "
+            "choose a groupsize that divides it, or use quantize='int8'."
+        )
     return Int4Linear(*quantize_int4(w, groupsize), groupsize=groupsize, dtype=dtype)
 
+
 @torch.no_grad()
-def quantize_model(model: nn.Module, mode: str, reader=None, groupsize: int = 32, dtype=torch.bfloat16):
-    """Replace a Transformer's linear layers (and a tied model's output head) by weight-only quantized ones, in
-    place, and cast the rest to `dtype`, the activations' dtype. `reader`: the GGUF file the weights came from."""
+def quantize_model(
+    model: nn.Module, mode: str, reader=None, groupsize: int = 32, dtype=torch.bfloat16
+):
+    """Replace a Transformer's linear layers (and a tied model's output head) by
+    weight-only quantized ones, in
+    place, and cast the rest to `dtype`, the activations' dtype. `reader`: the GGUF
+    file the weights came from.
+    """
     if mode not in QUANTIZE_MODES:
-        raise ValueError(f"quantize={mode!r} is not supported: use 'int8', 'int4', 'gguf' (a GGUF file's own "
-                         "precision) or None (plain nn.Linear layers).")
-    tensors = {meta_name(t.name): t for t in reader.tensors if t.name != "rope_freqs.weight"} if reader else {}
+        raise ValueError(
+            f"quantize={mode!r} is not supported: use 'int8', 'int4', 'gguf' (a GGUF"
+            " file's own precision) or None (plain nn.Linear layers)."
+        )
+    tensors = (
+        {meta_name(t.name): t for t in reader.tensors if t.name != "rope_freqs.weight"}
+        if reader
+        else {}
+    )
     if mode == "gguf" and not tensors:
-        raise ValueError("quantize='gguf' keeps a GGUF file's own precision: pass the file's reader (open_gguf).")
+        raise ValueError(
+            "quantize='gguf' keeps a GGUF file's own precision: pass the file's reader"
+            " (open_gguf)."
+        )
     model.to(dtype)
-    for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
-        new = quantized_linear(linear.weight, mode, tensors.get(f"{name}.weight"), groupsize, dtype)
+    for name, linear in [
+        (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+    ]:
+        new = quantized_linear(
+            linear.weight, mode, tensors.get(f"{name}.weight"), groupsize, dtype
+        )
         if new is not None:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
-    if model.output is None:  # tied: the head gets its own quantized copy; the embedding stays for lookups
-        model.output = quantized_linear(model.tok_embeddings.weight, mode, tensors.get("tok_embeddings.weight"),
-                                        groupsize, dtype)
+    # tied: the head gets its own quantized copy; the embedding stays for lookups
+    if model.output is None:
+        model.output = quantized_linear(
+            model.tok_embeddings.weight,
+            mode,
+            tensors.get("tok_embeddings.weight"),
+            groupsize,
+            dtype,
+        )
     return model
 
 # %% ../notebooks/11_making_it_fast.ipynb #c2fdaf33
 def gguf_file(source) -> Optional[Path]:
-    "The GGUF file `source` names (None: the embedded model), or None if it is another kind of checkpoint."
+    """The GGUF file `source` names (None: the embedded model), or None if it is another
+    kind of checkpoint."""
     path = embedded_model_path() if source is None else Path(source).expanduser()
     try:
         if path.exists() and checkpoint_layout(path) == "gguf":
@@ -169,26 +272,34 @@ def gguf_file(source) -> Optional[Path]:
         pass  # not a checkpoint we recognise: load_checkpoint will say so
     return None
 
+
 def load_plan(source, quantize="auto", device=None, dtype=None):
-    "`(mode, dtype, reader)` for loading `source`: the quantization mode (or None), the dtype and the GGUF reader."
+    """`(mode, dtype, reader)` for loading `source`: the quantization mode (or None),
+    the dtype and the GGUF reader."""
     device = torch.device(device) if device is not None else default_device()
     half = torch.bfloat16 if supports_bf16(device) else torch.float16
     if quantize == "auto":
-        if dtype is not None:          # an explicit dtype: plain layers in that dtype
+        if dtype is not None:  # an explicit dtype: plain layers in that dtype
             return None, dtype, None
         path = gguf_file(source)
-        if path is None:               # Meta / Hugging Face weights: bf16 (fp16 on a T4)
+        # Meta / Hugging Face weights: bf16 (fp16 on a T4)
+        if path is None:
             return None, half, None
         quantize = "gguf"
     if quantize is None:
         return None, dtype, None
     if quantize not in QUANTIZE_MODES:
-        raise ValueError(f"quantize={quantize!r} is not supported: use 'auto', 'int8', 'int4', 'gguf' or None.")
+        raise ValueError(
+            f"quantize={quantize!r} is not supported: use 'auto', 'int8', 'int4',"
+            " 'gguf' or None."
+        )
     dtype = dtype or half
     if quantize != "int8" and device.type == "cuda" and dtype != torch.bfloat16:
-        quantize = "int8"              # CUDA's int4 kernel needs bf16
+        quantize = "int8"  # CUDA's int4 kernel needs bf16
     path = gguf_file(source)
     if quantize == "gguf" and path is None:
-        raise ValueError(f"quantize='gguf' keeps a GGUF file's own precision, but {source} is not a GGUF file: "
-                         "use quantize='int8' or 'int4'.")
+        raise ValueError(
+            f"quantize='gguf' keeps a GGUF file's own precision, but {source} is not a"
+            " GGUF file: use quantize='int8' or 'int4'."
+        )
     return quantize, dtype, open_gguf(path) if path is not None else None

@@ -176,9 +176,9 @@ MAX_WEIGHT = 1e4
 
 def _assign(model: Transformer, tensors, device, dtype, desc: str, source=None):
     """Cast and move each `(name, tensor)` to `device`/`dtype` as it arrives, checking
-    its shape and that it is
-    finite and not absurdly large (NaN, inf or |w| > MAX_WEIGHT mean a damaged file),
-    then assign them all to `model`. `source` names the files.
+    its shape and that it is finite and not absurdly large (NaN, inf or
+    |w| > MAX_WEIGHT mean a damaged file), then assign them all to `model`.
+    `source` names the files.
     """
     # tensors on the meta device: names and shapes, no memory
     expected = model.state_dict()
@@ -209,8 +209,10 @@ def _assign(model: Transformer, tensors, device, dtype, desc: str, source=None):
                 " pointed at the right model's files)."
             )
         w = w.to(device=device, dtype=dtype)
-        # one pass over each tensor, once, at load
-        largest = w.abs().amax().item() if w.numel() else 0.0
+        # one pass over each tensor, once, at load, with no temporary copy of it
+        # (NaN propagates through min and max; inf is the max or the min)
+        lo, hi = torch.aminmax(w) if w.numel() else (torch.zeros(()), torch.zeros(()))
+        largest = max(-lo.item(), hi.item())
         if not math.isfinite(largest):
             raise CheckpointError(
                 f"{where}tensor {name!r} holds NaN or infinite values: the file is"

@@ -10,7 +10,7 @@ from torch import nn
 
 from .model_file import ModelArgs
 from .attention import Attention, causal_mask
-from .kv_cache import KVCache
+from .kv_cache import KVCache, check_fits
 from .norm import RMSNorm
 from .rope import precompute_freqs_cis
 
@@ -46,7 +46,9 @@ class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.layer_id = layer_id
-        cache = KVCache(args.max_batch_size, args.max_seq_len, args.n_kv_heads, args.head_dim)
+        cache = KVCache(
+            args.max_batch_size, args.max_seq_len, args.n_kv_heads, args.head_dim
+        )
         self.attention = Attention(args, cache=cache)
         self.feed_forward = FeedForward(args.dim, ffn_hidden_dim(args))
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
@@ -77,8 +79,7 @@ class Transformer(nn.Module):
             if params.tie_word_embeddings
             else nn.Linear(params.dim, params.vocab_size, bias=False)
         )
-        # a plain tensor, not a parameter: built on the CPU even when the model is on
-        # `meta`
+        # a plain tensor, not a parameter: on the CPU even when the model is on `meta`
         with torch.device("cpu"):
             self.freqs_cis = precompute_freqs_cis(
                 params.dim // params.n_heads, params.max_seq_len * 2, params.rope_theta
@@ -91,23 +92,13 @@ class Transformer(nn.Module):
         """Logits (bsz, seqlen, vocab_size) in fp32 for tokens (bsz, seqlen) at
         positions start_pos..; fills the KV cache.
         Generation's options (chapter 11): `pad` (bsz, start_pos + seqlen), True at
-        left-padding positions, which no
-        other position attends to; `last_only`: the logits of the last position only,
-        (bsz, 1, vocab_size).
+        left-padding positions, which no other position attends to; `last_only`: the
+        logits of the last position only, (bsz, 1, vocab_size).
         """
         bsz, seqlen = tokens.shape
-        if bsz > self.params.max_batch_size:
-            raise ValueError(
-                f"A batch of {bsz} sequences does not fit the KV cache"
-                f" (max_batch_size={self.params.max_batch_size}): build the model with"
-                " a larger max_batch_size."
-            )
-        if start_pos + seqlen > self.params.max_seq_len:
-            raise ValueError(
-                f"Positions {start_pos}..{start_pos + seqlen - 1} do not fit the KV"
-                f" cache (max_seq_len={self.params.max_seq_len}): build the model with"
-                " a larger max_seq_len."
-            )
+        # the caches' own rule, checked before any work (and before RoPE's table ends)
+        params = self.params
+        check_fits(bsz, start_pos, seqlen, params.max_batch_size, params.max_seq_len)
         # (bsz, seqlen, dim)
         h = self.tok_embeddings(tokens)
         self.freqs_cis = self.freqs_cis.to(h.device)
@@ -118,8 +109,7 @@ class Transformer(nn.Module):
             if seqlen > 1 and start_pos > 0
             else None
         )
-        # a padding position sees only itself, a real one every real position up to its
-        # own
+        # a padding position sees only itself, a real one every real position up to it
         if pad is not None:
             own = (
                 torch.arange(start_pos + seqlen, device=h.device)

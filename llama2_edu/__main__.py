@@ -358,10 +358,8 @@ def generate(args, prompt: str, stream: bool):
 
 def main(argv=None) -> int:
     """Entry point of `python -m llama2_edu` and of the `llama2-edu` console script.
-    Every problem ends as one
-    line on stderr, `error: ...`, and a non-zero exit code (2 for usage errors, 130
-    for Ctrl-C).
-    """
+    Every problem ends as one line on stderr, `error: ...`, and a non-zero exit code (2
+    for usage errors, 130 for Ctrl-C)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     # torchrun starts one copy per rank (chapter 12)
     quiet = int(os.environ.get("RANK", "0")) > 0

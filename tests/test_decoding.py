@@ -1,0 +1,85 @@
+"""The decoding levers of chapter 11 that change no number: the KV cache in attention's layout (HeadsFirstKVCache)
+against Meta's, and the compiled decoding step (compile_decoding) against the eager one."""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from llama2_edu.generation import Llama, load
+from llama2_edu.kv_cache import HeadsFirstKVCache, KVCache, use_heads_first_cache
+from llama2_edu.model import Transformer, compile_decoding
+from llama2_edu.model_file import InputError, ModelArgs
+
+
+class Digits:
+    "The smallest tokenizer `generate` needs: an EOS id and a check of the ids."
+    bos_id, eos_id, n_words = 1, 2, 100
+
+    def check_ids(self, ids):
+        pass
+
+
+def tiny(seed=0, max_batch_size=3):
+    torch.manual_seed(seed)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, ffn_hidden_dim=96,
+                     max_seq_len=48, max_batch_size=max_batch_size)
+    model = Transformer(args).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return model
+
+
+PROMPTS = [[5, 17, 42, 8, 9, 61, 3], [11, 12], [70, 71, 72, 73]]
+
+
+def logits_of_steps(model, tokens, prompt_len):
+    "The prefill's logits, then one decoding step per remaining token (teacher forcing): (seqlen, vocab)."
+    out = [model.forward(tokens[:, :prompt_len], 0)[0]]
+    out += [model.forward(tokens[:, i:i + 1], i)[0] for i in range(prompt_len, tokens.shape[1])]
+    return torch.cat(out)
+
+
+def test_heads_first_cache_is_laid_out_heads_first_behind_metas_view():
+    cache = HeadsFirstKVCache(2, 10, 3, 4)
+    k = torch.randn(2, 6, 3, 4)
+    keys, _ = cache.update(0, k, k)
+    assert cache.cache_k.shape == (2, 10, 3, 4)  # what chapter 6's methods index
+    assert cache.cache_k.transpose(1, 2).is_contiguous()  # what attention reads: (bsz, n_kv_heads, seqlen, dim)
+    assert torch.equal(keys, k)
+    cache.copy_row(0, 1, 6)
+    assert torch.equal(cache.cache_k[1, :6], k[0])
+
+
+def test_heads_first_cache_gives_the_same_logits_and_tokens_as_metas():
+    meta, ours = tiny(), use_heads_first_cache(tiny())
+    assert isinstance(meta.layers[0].attention.cache, KVCache)
+    assert all(isinstance(layer.attention.cache, HeadsFirstKVCache) for layer in ours.layers)
+    tokens = torch.tensor([PROMPTS[0] + [30, 31, 32]])
+    assert torch.equal(logits_of_steps(meta, tokens, 7), logits_of_steps(ours, tokens, 7))
+    a, b = Llama(meta, Digits()), Llama(ours, Digits())
+    assert a.generate(PROMPTS, 6, temperature=0) == b.generate(PROMPTS, 6, temperature=0)
+
+
+def test_compiled_decoding_equals_eager():
+    eager, compiled = use_heads_first_cache(tiny()), compile_decoding(use_heads_first_cache(tiny()))
+    tokens = torch.tensor([PROMPTS[0] + [30, 31, 32, 33]])
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():  # as generate calls it
+        got, want = logits_of_steps(compiled, tokens, 7), logits_of_steps(eager, tokens, 7)
+    assert counters["stats"]["unique_graphs"] > graphs  # the steps ran through a compiled graph
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # a ragged batch, with a padding mask at every step, and the same tokens
+    a, b = Llama(eager, Digits()), Llama(compiled, Digits())
+    assert b.generate(PROMPTS, 6, temperature=0) == a.generate(PROMPTS, 6, temperature=0)
+    with pytest.raises(ValueError, match="do not fit a KV cache of max_seq_len=48"):  # its checks still run
+        compiled.forward(tokens[:, :1], 48)
+
+
+def test_compile_is_refused_under_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InputError, match="compile=True is not combined with tensor parallelism"):
+        load(device="cpu", compile=True)
+
+
+def test_load_gives_every_model_the_heads_first_cache():
+    llama = load(device="cpu", dtype=torch.float32, max_seq_len=64)
+    assert all(isinstance(layer.attention.cache, HeadsFirstKVCache) for layer in llama.model.layers)

@@ -3,6 +3,7 @@
     python benchmarks/decode.py                                  # about 15 minutes on 2 CPU cores
     python benchmarks/decode.py --llama-bench /path/to/llama-bench --threads 2 --runs 5
     python benchmarks/decode.py --only compile                   # eager vs torch.compile, added to the results
+    python benchmarks/decode.py --only layout                    # Meta's KV-cache layout vs heads first
     python benchmarks/decode.py --only fusion                    # fused wq|wk|wv and w1|w3, added to the results
 
 One process, one prompt, one thread count; the contenders are interleaved (round r runs every contender once) and
@@ -198,7 +199,7 @@ def main(argv=None):
     p.add_argument("--gen", type=int, default=64, help="tokens to decode per run")
     p.add_argument("--llama-bench", metavar="PATH", default=None, help="llama.cpp's llama-bench binary")
     p.add_argument("--out", type=Path, default=ROOT / "results")
-    p.add_argument("--only", choices=["fusion", "compile", "llama-bench"], default=None,
+    p.add_argument("--only", choices=["fusion", "compile", "layout", "llama-bench"], default=None,
                    help="measure only this, and add it to an existing decode.json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -214,12 +215,15 @@ def main(argv=None):
             Ours("llama2_edu bf16", "bf16", load(device="cpu", dtype=torch.bfloat16)),
             Ours("llama2_edu int8", "int8", load(device="cpu", quantize="int8")),
             Ours("llama2_edu int4", "int4", load(device="cpu", quantize="int4")),
-            Ours("llama2_edu default (file's precision)", "Q4_1 file", load(device="cpu"))]
+            Ours("llama2_edu default (file's precision)", "Q4_1 file", load(device="cpu")),
+            Ours("llama2_edu default, compiled", "Q4_1 file", load(device="cpu", compile=True), compiled=True)]
     hf = [Transformers(torch.float32), Transformers(torch.bfloat16)]
     print(f"loaded in {time.perf_counter() - t:.0f} s", flush=True)
 
     ids = plain.encode_prompt(PROMPT)
     contenders = ours + hf
+    for c in contenders:  # one untimed run each: warm caches, and the compiled step's compilation
+        c.run(ids, 4)
     times = {c.name + c.precision: [] for c in contenders}
     lcpp = []
     for r in range(a.runs):
@@ -242,7 +246,7 @@ def main(argv=None):
                          decode_tok_s=statistics.median(r[1] for r in lcpp)))
 
     print("accuracy, context sweep, profile ...", flush=True)
-    acc = {c.precision: accuracy(plain, c.llama) for c in ours[1:]}
+    acc = {c.precision: accuracy(plain, c.llama) for c in ours[1:5]}
     acc["transformers bf16"] = hf_accuracy(plain, hf[1].model)
     fast = ours[4].llama
     contexts = [16, 64, 128, 256, 384, 496]
@@ -262,7 +266,8 @@ def main(argv=None):
     results = dict(
         machine=dict(cpu=cpu_name(), threads=a.threads, torch=torch.__version__, python=platform.python_version(),
                      read_bandwidth_gbs=read_bandwidth_gbs()),
-        command="python benchmarks/decode.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        command="python benchmarks/decode.py " + " ".join(argv if argv is not None else os.sys.argv[1:]).replace(
+            a.llama_bench or "\0", "path/to/llama-bench"),  # where the binary lies on this machine says nothing
         prompt_tokens=len(ids), gen_tokens=a.gen, runs=a.runs,
         contenders=rows, accuracy=acc, context_sweep=sweep, profile=prof,
         ragged=dict(long_tokens=len(long_ids), short_tokens=len(short_ids), gen_tokens=n,
@@ -278,26 +283,55 @@ def main(argv=None):
     plot(results, a.out)
 
 
+@torch.inference_mode()
+def step_accuracy(reference: Llama, llama: Llama, prompt_len=8, steps=64):
+    "Top-1 agreement and mean KL of the next-token distributions of `steps` decoding steps over TEXT (teacher forcing)."
+    tokens = torch.tensor([reference.encode_prompt(TEXT)[:prompt_len + steps]])
+    logp = []
+    for model in (reference.model, llama.model):
+        model.forward(tokens[:, :prompt_len], 0, last_only=True)
+        steps_logits = [model.forward(tokens[:, i:i + 1], i)[0, -1] for i in range(prompt_len, tokens.shape[1])]
+        logp.append(torch.log_softmax(torch.stack(steps_logits), -1))
+    p, q = logp
+    return dict(top1_agreement=(p.argmax(-1) == q.argmax(-1)).float().mean().item(),
+                kl=(p.exp() * (p - q)).sum(-1).mean().item(), positions=p.shape[0])
+
+
 def compiled_decode(a):
-    "Compilation time, and eager vs torch.compile decode rates of the default model, interleaved."
-    eager, compiled = load(device="cpu"), load(device="cpu")
-    compiled.model.forward = torch.compile(compiled.model.forward, dynamic=True)
+    "Compilation time (batch 1, then batch 2), eager vs compiled decode rates of the default model, interleaved."
+    import tempfile
+    # a cold start: Inductor's on-disk cache would otherwise hand back kernels compiled by an earlier run
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+    eager, compiled = load(device="cpu"), load(device="cpu", compile=True)
     ids = eager.encode_prompt(PROMPT)
     t = time.perf_counter()
-    try:
-        compiled.generate([ids], max_gen_len=4, temperature=0, ignore_eos=True)
-    except Exception as e:  # record why, rather than a number
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        cause = next((line for line in lines if "Error:" in line), lines[0] if lines else "")
-        return dict(error=f"{type(e).__name__}: {cause}"[:300],
-                    seconds_before_failure=time.perf_counter() - t)
+    compiled.generate([ids], max_gen_len=4, temperature=0, ignore_eos=True)
     compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    compiled.generate([ids, ids[:8]], max_gen_len=4, temperature=0, ignore_eos=True)
+    second_s = time.perf_counter() - t
     rates = {"eager": [], "compiled": []}
     for _ in range(a.runs):
         for name, llama in (("eager", eager), ("compiled", compiled)):
             pre, dec = Ours(name, "", llama).run(ids, a.gen)
             rates[name].append((a.gen - 1) / dec)
-    return dict(compile_seconds=compile_s, **{f"{k}_decode_tok_s": statistics.median(v) for k, v in rates.items()})
+    return dict(compile_seconds=compile_s, second_batch_size_compile_seconds=second_s, runs=a.runs,
+                accuracy=step_accuracy(eager, compiled),
+                **{f"{k}_decode_tok_s": statistics.median(v) for k, v in rates.items()})
+
+
+def cache_layout(a):
+    "Decode rates of the default model with Meta's KV-cache layout and with HeadsFirstKVCache, interleaved."
+    from llama2_edu.kv_cache import KVCache
+    heads_first, meta = load(device="cpu"), load(device="cpu")
+    for layer in meta.model.layers:
+        layer.attention.cache = KVCache(*layer.attention.cache.shape)
+    ids = meta.encode_prompt(PROMPT)
+    rates = {"meta": [], "heads_first": []}
+    for _ in range(a.runs):
+        for name, llama in (("meta", meta), ("heads_first", heads_first)):
+            rates[name].append((a.gen - 1) / Ours(name, "", llama).run(ids, a.gen)[1])
+    return dict(runs=a.runs, **{f"{k}_decode_tok_s": statistics.median(v) for k, v in rates.items()})
 
 
 def add_to_results(a):
@@ -307,6 +341,8 @@ def add_to_results(a):
         results["fusion"] = fusion(load(device="cpu"), a.runs)
     elif a.only == "compile":
         results["compile"] = compiled_decode(a)
+    elif a.only == "layout":
+        results["cache_layout"] = cache_layout(a)
     else:  # llama.cpp interleaved with our default path, same prompt length and token count
         if not a.llama_bench:
             raise SystemExit("--only llama-bench needs --llama-bench PATH")
@@ -320,7 +356,7 @@ def add_to_results(a):
         results["llama-bench"] = dict(ours_decode_tok_s=statistics.median((a.gen - 1) / o[1] for o, _ in pairs),
                                       llama_cpp_decode_tok_s=row["decode_tok_s"], runs=a.runs)
     path.write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps(results[a.only], indent=1))
+    print(json.dumps(results[{"layout": "cache_layout"}.get(a.only, a.only)], indent=1))
 
 
 def plot(results, out: Path):

@@ -37,7 +37,7 @@ def test_help_explains_every_option():
     out = run("--help")
     assert out.returncode == 0
     for option in ("--file", "--ckpt", "--tokenizer", "--max-gen-len", "--temperature", "--top-p", "--top-k",
-                   "--seed", "--device", "--dtype", "--quantize", "--chat", "--stream", "fetch-tokenizer"):
+                   "--seed", "--device", "--dtype", "--quantize", "--compile", "--chat", "--stream", "fetch-tokenizer"):
         assert option in out.stdout
     out = run("fetch-tokenizer", "--help")
     assert out.returncode == 0 and "SentencePiece" in out.stdout

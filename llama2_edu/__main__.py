@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action="store_true",
         help=(
-            "compile the decoding step with torch.compile: faster decoding after a first"
-            " step that takes minutes (chapter 11)"
+            "compile the decoding step with torch.compile: faster decoding after a"
+            " first step that takes minutes (chapter 11)"
         ),
     )
     p.add_argument(

@@ -83,10 +83,11 @@ def kv_cache_bytes(args: ModelArgs, bytes_per_value: int = 2) -> int:
 
 # %% ../notebooks/11_making_it_fast.ipynb #4795ab7f
 class HeadsFirstKVCache(KVCache):
-    """Chapter 6's cache with its memory in the order attention reads it: (max_batch_size,
-    n_kv_heads, max_seq_len, head_dim), seen through the (max_batch_size, max_seq_len,
-    n_kv_heads, head_dim) view that KVCache's methods index. Attention's transpose of
-    that view gives each head's keys back as one contiguous block."""
+    """Chapter 6's cache with its memory in the order attention reads it:
+    (max_batch_size, n_kv_heads, max_seq_len, head_dim), seen through the
+    (max_batch_size, max_seq_len, n_kv_heads, head_dim) view that KVCache's methods
+    index. Attention's transpose of that view gives each head's keys back as one
+    contiguous block."""
 
     def allocate(self, dtype, device):
         max_batch_size, max_seq_len, n_kv_heads, head_dim = self.shape

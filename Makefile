@@ -17,9 +17,11 @@ setup:
 demo: setup
 	$(PYTHON) -m llama2_edu --echo --temperature 0 --max-gen-len 16 "$$(printf '$(PROMPT)')"
 
-# (2) the tests: unit and reference tests, the export check, and every notebook under nbval
+# (2) the tests: unit and reference tests, the export check, and every notebook under nbval;
+# two pytest workers (pytest-xdist), each file on one of them: every test process runs one
+# CPU thread (tests/notebook_env.py), so two workers keep two cores busy
 test: setup
-	$(PYTHON) -m pytest --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg tests notebooks
+	$(PYTHON) -m pytest -n 2 --dist loadfile --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg tests notebooks
 
 # MathJax is served from the book itself (no CDN): npm installs it once into _build/mathjax,
 # book/_ext/offline_assets.py copies it into the HTML.

@@ -292,8 +292,8 @@ def about(path):
 
 
 def read_gguf_model(path, tokenizer_path=None, **overrides):
-    """A GGUF file read up to its weights, every check done: `(args, tokenizer, reader)`;
-    the tokenizer comes from the same file unless `tokenizer_path`."""
+    """A GGUF file read up to its weights, every check done: `(args, tokenizer,
+    reader)`; the tokenizer comes from the same file unless `tokenizer_path`."""
     reader = open_gguf(path)
     with about(path):
         trained_len = gguf_metadata(reader).get("llama.context_length")

@@ -7,24 +7,24 @@ from torch._dynamo.utils import counters
 from llama2_edu.generation import Llama, load
 from llama2_edu.kv_cache import HeadsFirstKVCache, KVCache, use_heads_first_cache
 from llama2_edu.model import Transformer, compile_decoding
-from llama2_edu.model_file import InputError, ModelArgs
+from llama2_edu.model_file import InputError
+
+from checkpoints import random_state_dict, tiny_args
 
 
 class Digits:
     "The smallest tokenizer `generate` needs: an EOS id and a check of the ids."
-    bos_id, eos_id, n_words = 1, 2, 100
+    bos_id, eos_id = 1, 2
 
     def check_ids(self, ids):
         pass
 
 
-def tiny(seed=0, max_batch_size=3):
-    torch.manual_seed(seed)
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, ffn_hidden_dim=96,
-                     max_seq_len=48, max_batch_size=max_batch_size)
+def tiny(seed=0):
+    "The tests' tiny random Llama (tests/checkpoints.py), with room for three prompts of up to 48 positions."
+    args = tiny_args(max_seq_len=48, max_batch_size=3)
     model = Transformer(args).eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.2)
+    model.load_state_dict(random_state_dict(args, seed))
     return model
 
 

@@ -35,8 +35,9 @@ def attention(
             f"{seqlen} queries against {cache_len} keys need an explicit mask: "
             f"pass mask=causal_mask({seqlen}, start_pos={cache_len - seqlen})."
         )
-    return F.scaled_dot_product_attention(
-        xq,
+    output = F.scaled_dot_product_attention(
+        # a cache may keep another precision than the queries' (chapter 11): use it
+        xq.to(keys.dtype),
         keys,
         values,
         attn_mask=mask,
@@ -44,6 +45,7 @@ def attention(
         # each group of n_heads // n_kv_heads queries shares a key/value head
         enable_gqa=keys.shape[1] != xq.shape[1],
     )
+    return output.to(xq.dtype)
 
 # %% ../notebooks/05_attention.ipynb #a9ea9a06
 class Attention(nn.Module):
@@ -67,11 +69,8 @@ class Attention(nn.Module):
     ):
         # (bsz, seqlen, dim)
         bsz, seqlen, _ = x.shape
-        # (bsz, seqlen, n_heads, head_dim)
-        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
-        # (bsz, seqlen, n_kv_heads, head_dim)
-        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        # (bsz, seqlen, n_heads | n_kv_heads, head_dim)
+        xq, xk, xv = self.project(x)
         # positions start_pos .. start_pos + seqlen - 1
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
         # all keys and values so far: (bsz, start_pos + seqlen, n_kv_heads, head_dim)
@@ -83,3 +82,13 @@ class Attention(nn.Module):
         )
         # (bsz, seqlen, dim)
         return self.wo(output.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+    def project(self, x: torch.Tensor):
+        "Queries, keys and values of x (bsz, seqlen, dim), split into heads."
+        bsz, seqlen, _ = x.shape
+        # (bsz, seqlen, n_heads, head_dim)
+        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        # (bsz, seqlen, n_kv_heads, head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        return xq, xk, xv

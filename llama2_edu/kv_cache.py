@@ -29,12 +29,19 @@ def check_fits(bsz, start_pos, seqlen, max_batch_size, max_seq_len):
 
 class KVCache:
     """Meta's preallocated `cache_k`/`cache_v`, (max_batch_size, max_seq_len,
-    n_kv_heads, head_dim), allocated on first use."""
+    n_kv_heads, head_dim), allocated on first use; `dtype` None keeps the first keys'
+    dtype."""
 
     def __init__(
-        self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int
+        self,
+        max_batch_size: int,
+        max_seq_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype=None,
     ):
         self.shape = (max_batch_size, max_seq_len, n_kv_heads, head_dim)
+        self.dtype = dtype
         self.cache_k = self.cache_v = None
 
     def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor):
@@ -42,12 +49,13 @@ class KVCache:
         keys, values up to it."""
         bsz, seqlen = xk.shape[:2]
         check_fits(bsz, start_pos, seqlen, *self.shape[:2])
+        dtype = self.dtype or xk.dtype
         if (
             self.cache_k is None
             or self.cache_k.device != xk.device
-            or self.cache_k.dtype != xk.dtype
+            or self.cache_k.dtype != dtype
         ):
-            self.allocate(xk.dtype, xk.device)
+            self.allocate(dtype, xk.device)
         self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
         self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
         # (bsz, start_pos + seqlen, n_kv_heads, head_dim)
@@ -96,8 +104,9 @@ class HeadsFirstKVCache(KVCache):
         self.cache_v = torch.zeros(storage, device=device, dtype=dtype).transpose(1, 2)
 
 
-def use_heads_first_cache(model):
-    "Give every block of a Transformer a HeadsFirstKVCache of the same size, in place."
+def use_heads_first_cache(model, dtype=None):
+    """Give every block of a Transformer a HeadsFirstKVCache of the same size, in place;
+    `dtype`: the precision it keeps keys and values in (None: the activations')."""
     for layer in model.layers:
-        layer.attention.cache = HeadsFirstKVCache(*layer.attention.cache.shape)
+        layer.attention.cache = HeadsFirstKVCache(*layer.attention.cache.shape, dtype)
     return model

@@ -2,7 +2,7 @@
 
 # %% auto #0
 __all__ = ['QUANTIZE_MODES', 'quantize_int8', 'Int8Linear', 'quantize_int4', 'dequantize_int4', 'pack_int4_cuda', 'inner_k_tiles',
-           'Int4Linear', 'gguf_int4', 'quantized_linear', 'quantize_model', 'gguf_file', 'load_plan']
+           'Int4Linear', 'gguf_int4', 'quantized_linear', 'gguf_parts', 'quantize_model', 'gguf_file', 'load_plan']
 
 # %% ../notebooks/11_making_it_fast.ipynb #32824b5b
 from pathlib import Path
@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as GGML
 from torch import nn
 
 from .checkpoint import checkpoint_layout, default_device, supports_bf16
+from .model import FUSED
 from .model_file import embedded_model_path, gguf_tensor, meta_name, open_gguf
 
 # %% ../notebooks/11_making_it_fast.ipynb #24e56097
@@ -37,11 +38,12 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", q)
         # (out_features,) in the activations' dtype
         self.register_buffer("scales", scales.to(dtype))
+        self.dtype, self.on_cpu = dtype, q.device.type == "cpu"
 
     # (..., in_features)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.scales.dtype)
-        if x.device.type != "cpu":
+        x = x.to(self.dtype)
+        if not self.on_cpu:
             return self.forward_fused(x)
         y = torch._weight_int8pack_mm(
             x.reshape(-1, self.in_features), self.weight, self.scales
@@ -117,8 +119,10 @@ class Int4Linear(nn.Module):
         self.out_features, self.in_features = q.shape
         self.groupsize = groupsize
         q = q.to(torch.int32)
+        self.dtype = dtype
         if q.device.type == "cpu":
             packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+            self.mm = torch._weight_int4pack_mm_for_cpu
         else:
             if dtype != torch.bfloat16:
                 raise ValueError(
@@ -128,6 +132,7 @@ class Int4Linear(nn.Module):
             packed = torch._convert_weight_to_int4pack(
                 pack_int4_cuda(q), inner_k_tiles(self.in_features)
             )
+            self.mm = torch._weight_int4pack_mm
         self.register_buffer("weight", packed)
         # (n_groups, out_features, 2)
         scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1)
@@ -138,14 +143,9 @@ class Int4Linear(nn.Module):
     # (..., in_features)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (tokens, in_features)
-        x2 = x.to(self.scales_and_zeros.dtype).reshape(-1, self.in_features)
-        mm = (
-            torch._weight_int4pack_mm_for_cpu
-            if x.device.type == "cpu"
-            else torch._weight_int4pack_mm
-        )
+        x2 = x.reshape(-1, self.in_features).to(self.dtype)
         # (tokens, out_features)
-        y = mm(x2, self.weight, self.groupsize, self.scales_and_zeros)
+        y = self.mm(x2, self.weight, self.groupsize, self.scales_and_zeros)
         return y.view(*x.shape[:-1], self.out_features)
 
 # %% ../notebooks/11_making_it_fast.ipynb #9ceec4ed
@@ -185,26 +185,32 @@ QUANTIZE_MODES = ("int8", "int4", "gguf")
 def quantized_linear(
     weight: torch.Tensor,
     mode: str,
-    tensor=None,
+    tensors=None,
     groupsize: int = 32,
     dtype=torch.bfloat16,
 ):
     """The quantized replacement of a linear layer of `weight` (out_features,
     in_features), or None to keep it.
-    `tensor`: the same weight as a GGUF file stores it, so that Q4_0/Q4_1 blocks are
-    kept exactly.
+    `tensors`: the same weight as a GGUF file stores it, a list of one tensor (or of the
+    parts a fused layer joins, row blocks in order), so that Q4_0/Q4_1 blocks are kept
+    exactly.
     """
-    kind = tensor.tensor_type if tensor is not None else None
+    kinds = {t.tensor_type for t in tensors or ()}
+    # the parts' common type (None: no file, or parts of different types)
+    kind = kinds.pop() if len(kinds) == 1 else None
     if mode == "gguf":  # the file's own precision
         mode = {GGML.Q4_0: "int4", GGML.Q4_1: "int4", GGML.Q8_0: "int8"}.get(kind)
         if mode is None:
             return None
     device = weight.device
     if mode == "int4" and kind in (GGML.Q4_0, GGML.Q4_1) and groupsize == 32:
-        q, scales, zeros = gguf_int4(tensor)
-        return Int4Linear(q.to(device), scales.to(device), zeros.to(device), 32, dtype)
+        # q, scales, zeros of the parts, joined along the rows
+        q, scales, zeros = (
+            torch.cat(part).to(device) for part in zip(*map(gguf_int4, tensors))
+        )
+        return Int4Linear(q, scales, zeros, 32, dtype)
     # the file's values if we have them
-    w = gguf_tensor(tensor).to(device) if tensor is not None else weight
+    w = torch.cat([gguf_tensor(t) for t in tensors]).to(device) if tensors else weight
     if mode == "int8":
         return Int8Linear(*quantize_int8(w), dtype=dtype)
     if w.shape[1] % groupsize:
@@ -213,6 +219,14 @@ def quantized_linear(
             "choose a groupsize that divides it, or use quantize='int8'."
         )
     return Int4Linear(*quantize_int4(w, groupsize), groupsize=groupsize, dtype=dtype)
+
+
+def gguf_parts(tensors: dict, name: str):
+    """The GGUF tensors behind the linear layer `name`: its own, or those of the parts
+    a fused layer joins (`wqkv`, `w13`, see below); None if the file lacks one."""
+    parent, dot, child = name.rpartition(".")
+    parts = [tensors.get(f"{parent}{dot}{p}.weight") for p in FUSED.get(child, (child,))]
+    return None if None in parts else parts
 
 
 @torch.no_grad()
@@ -242,7 +256,7 @@ def quantize_model(
         (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
     ]:
         new = quantized_linear(
-            linear.weight, mode, tensors.get(f"{name}.weight"), groupsize, dtype
+            linear.weight, mode, gguf_parts(tensors, name), groupsize, dtype
         )
         if new is not None:
             parent, _, child = name.rpartition(".")
@@ -252,7 +266,7 @@ def quantize_model(
         model.output = quantized_linear(
             model.tok_embeddings.weight,
             mode,
-            tensors.get("tok_embeddings.weight"),
+            gguf_parts(tensors, "tok_embeddings"),
             groupsize,
             dtype,
         )

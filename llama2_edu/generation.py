@@ -768,7 +768,7 @@ def load(
     11; the first step then takes minutes)."""
     # chapter 11
     from llama2_edu.kv_cache import use_heads_first_cache
-    from llama2_edu.model import compile_decoding, fuse_projections
+    from llama2_edu.model import compile_decoding
     from llama2_edu.quantize import load_plan, quantize_model
 
     # before anything looks at the device
@@ -797,8 +797,6 @@ def load(
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
     )
-    if not parallel:  # wq|wk|wv and w1|w3 as one matrix each
-        fuse_projections(model)
     if mode is not None:
         quantize_model(model, mode, reader, dtype=dtype)
     # the same values in attention's order; on the CPU in fp32, which attends faster

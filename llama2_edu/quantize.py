@@ -225,7 +225,8 @@ def gguf_parts(tensors: dict, name: str):
     """The GGUF tensors behind the linear layer `name`: its own, or those of the parts
     a fused layer joins (`wqkv`, `w13`, see below); None if the file lacks one."""
     parent, dot, child = name.rpartition(".")
-    parts = [tensors.get(f"{parent}{dot}{p}.weight") for p in FUSED.get(child, (child,))]
+    names = FUSED.get(child, (child,))
+    parts = [tensors.get(f"{parent}{dot}{p}.weight") for p in names]
     return None if None in parts else parts
 
 

@@ -106,10 +106,8 @@ def fast():
 
 def test_default_load_keeps_the_file_precision(fast):
     layers = fast.model.layers
-    # fused projections (wq|wk|wv, w1|w3), each from the file's Q4_1 blocks
-    assert all(isinstance(getattr(b.attention, n), Int4Linear) for b in layers for n in ("wqkv", "wo"))
-    assert all(isinstance(getattr(b.feed_forward, n), Int4Linear) for b in layers for n in ("w13", "w2"))
-    assert layers[0].attention.wqkv.out_features == (fast.args.n_heads + 2 * fast.args.n_kv_heads) * fast.args.head_dim
+    assert all(isinstance(getattr(b.attention, n), Int4Linear) for b in layers for n in ("wq", "wk", "wv", "wo"))
+    assert all(isinstance(getattr(b.feed_forward, n), Int4Linear) for b in layers for n in ("w1", "w2", "w3"))
     assert layers[0].attention.cache.dtype == torch.float32  # keys and values in fp32 on the CPU
     assert isinstance(fast.model.output, Int8Linear)              # the tied head, from the Q8_0 embedding
     assert fast.model.tok_embeddings.weight.dtype == torch.bfloat16
@@ -139,6 +137,24 @@ def test_generation_on_the_fast_path(fast):
     tokens, _ = fast.generate(ragged, max_gen_len=4, temperature=0, ignore_eos=True)
     assert [t[0] for t in tokens] == [fast.generate([r], max_gen_len=1, temperature=0)[0][0][0] for r in ragged]
     assert all(len(t) == 4 for t in tokens)
+
+
+def test_fused_projections_keep_the_file_blocks_and_the_logits(fast, embedded_reader):
+    from llama2_edu.checkpoint import load_checkpoint
+    from llama2_edu.kv_cache import use_heads_first_cache
+    from llama2_edu.model import FusedAttention, FusedFeedForward, fuse_projections
+    model = load_checkpoint(None, device="cpu", max_seq_len=512, max_batch_size=4)[0]
+    quantize_model(fuse_projections(model), "gguf", embedded_reader)
+    use_heads_first_cache(model, torch.float32)
+    block, args = model.layers[0], fast.args
+    assert isinstance(block.attention, FusedAttention) and isinstance(block.feed_forward, FusedFeedForward)
+    assert isinstance(block.attention.wqkv, Int4Linear) and isinstance(block.feed_forward.w13, Int4Linear)
+    assert block.attention.wqkv.out_features == (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+    tokens = torch.tensor([fast.encode_prompt(TEXT)[:40]])
+    # every scheme quantizes row by row, and the int4 kernel computes each output row alike: the same logits
+    assert torch.equal(model.forward(tokens, 0), fast.model.forward(tokens, 0))
+    step = tokens[:, -1:]
+    assert torch.equal(model.forward(step, 40), fast.model.forward(step, 40))
 
 
 def test_quantize_model_refuses_bad_modes(embedded_reader):

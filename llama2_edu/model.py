@@ -189,26 +189,37 @@ def fuse_projections(model):
     return model
 
 # %% ../notebooks/11_making_it_fast.ipynb #493f65ca
+import functools
+
+
 def compile_decoding(model, **options):
     """Compile a Transformer's decoding step (one new token per sequence) with
-    torch.compile, in place; `options` go to torch.compile. Prefills stay eager. The
-    step is compiled with dynamic shapes, so that one graph follows the growing cache.
-    The caches are allocated here, outside inference mode: a compiled graph may not
-    write into inference tensors."""
+    torch.compile, in place; `options` go to torch.compile. Prefills stay eager. What is
+    compiled is a block's forward, which every block runs: it compiles once, not once
+    per layer, and with dynamic shapes one graph follows the growing cache. The caches
+    are allocated here, outside inference mode: a compiled graph may not write into
+    inference tensors."""
     weight = model.tok_embeddings.weight
     with torch.inference_mode(False):
         for layer in model.layers:
             cache = layer.attention.cache
             cache.allocate(cache.dtype or weight.dtype, weight.device)
-    # Transformer.forward without its inference_mode decorator
-    step = torch.compile(type(model).forward.__wrapped__, dynamic=True, **options)
+    block_step = torch.compile(TransformerBlock.forward, dynamic=True, **options)
+
+    def block_forward(layer, x, *args):  # x: (bsz, seqlen, dim)
+        step = block_step if x.shape[1] == 1 else TransformerBlock.forward
+        return step(layer, x, *args)
+
+    for layer in model.layers:
+        layer.forward = functools.partial(block_forward, layer)
     eager = model.forward
 
     def forward(tokens, start_pos, **kw):
         if tokens.shape[1] > 1:  # a prefill
             return eager(tokens, start_pos, **kw)
+        # Transformer.forward without its inference_mode decorator
         with torch.inference_mode(False), torch.no_grad():
-            return step(model, tokens, start_pos, **kw)
+            return type(model).forward.__wrapped__(model, tokens, start_pos, **kw)
 
     model.forward = forward
     return model

@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=(
             "compile the decoding step with torch.compile: faster decoding after a"
-            " first step that takes minutes (chapter 11)"
+            " first step that waits for the compiler (chapter 11)"
         ),
     )
     p.add_argument(

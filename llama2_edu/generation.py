@@ -765,7 +765,7 @@ def load(
     runs a GGUF file at its own precision and other checkpoints in bf16, unless `dtype`
     is given (then: plain layers in that dtype); 'int8' or 'int4' quantizes the weights;
     None: plain layers. `compile`: compile the decoding step with torch.compile (chapter
-    11; the first step then takes minutes)."""
+    11; the first step then waits for the compiler)."""
     # chapter 11
     from llama2_edu.kv_cache import use_heads_first_cache
     from llama2_edu.model import compile_decoding

@@ -164,6 +164,15 @@ def profile(llama: Llama, ids, steps=8, top=8):
     return [[name, t / total] for name, t in events[:top]]
 
 
+def interleaved_decode_rates(a, llamas: dict, ids) -> dict:
+    "{name}_decode_tok_s: the median decode rate of each of `llamas` over a.runs rounds, each round running all."
+    rates = {name: [] for name in llamas}
+    for _ in range(a.runs):
+        for name, llama in llamas.items():
+            rates[name].append((a.gen - 1) / Ours(name, "", llama).run(ids, a.gen)[1])
+    return {f"{name}_decode_tok_s": statistics.median(v) for name, v in rates.items()}
+
+
 def fused_default():
     "The default model as load() builds it, but with fused projections (wq|wk|wv, w1|w3; chapter 11)."
     from llama2_edu.checkpoint import load_checkpoint
@@ -180,11 +189,7 @@ def fusion(a):
     "Decode rates of the default model with separate and with fused projections, interleaved."
     separate, fused = load(device="cpu"), fused_default()
     ids = fused.encode_prompt(PROMPT)
-    rates = {"separate": [], "fused": []}
-    for _ in range(a.runs):
-        for name, llama in (("separate", separate), ("fused", fused)):
-            rates[name].append((a.gen - 1) / Ours(name, "", llama).run(ids, a.gen)[1])
-    return dict(runs=a.runs, **{f"{k}_decode_tok_s": statistics.median(v) for k, v in rates.items()})
+    return dict(runs=a.runs, **interleaved_decode_rates(a, dict(separate=separate, fused=fused), ids))
 
 
 def kv_dtype(a, context=400, calls=200):
@@ -349,14 +354,9 @@ def compiled_decode(a):
     t = time.perf_counter()
     compiled.generate([ids, ids[:8]], max_gen_len=4, temperature=0, ignore_eos=True)
     second_s = time.perf_counter() - t
-    rates = {"eager": [], "compiled": []}
-    for _ in range(a.runs):
-        for name, llama in (("eager", eager), ("compiled", compiled)):
-            pre, dec = Ours(name, "", llama).run(ids, a.gen)
-            rates[name].append((a.gen - 1) / dec)
     return dict(compile_seconds=compile_s, second_batch_size_compile_seconds=second_s, runs=a.runs,
                 accuracy=step_accuracy(eager, compiled),
-                **{f"{k}_decode_tok_s": statistics.median(v) for k, v in rates.items()})
+                **interleaved_decode_rates(a, dict(eager=eager, compiled=compiled), ids))
 
 
 def cache_layout(a):
@@ -366,11 +366,7 @@ def cache_layout(a):
     for layer in meta.model.layers:  # the same precision, Meta's order
         layer.attention.cache = KVCache(*layer.attention.cache.shape, layer.attention.cache.dtype)
     ids = meta.encode_prompt(PROMPT)
-    rates = {"meta": [], "heads_first": []}
-    for _ in range(a.runs):
-        for name, llama in (("meta", meta), ("heads_first", heads_first)):
-            rates[name].append((a.gen - 1) / Ours(name, "", llama).run(ids, a.gen)[1])
-    return dict(runs=a.runs, **{f"{k}_decode_tok_s": statistics.median(v) for k, v in rates.items()})
+    return dict(runs=a.runs, **interleaved_decode_rates(a, dict(meta=meta, heads_first=heads_first), ids))
 
 
 def add_to_results(a):

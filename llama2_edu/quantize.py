@@ -227,7 +227,7 @@ def gguf_parts(tensors: dict, name: str):
     parent, dot, child = name.rpartition(".")
     names = FUSED.get(child, (child,))
     parts = [tensors.get(f"{parent}{dot}{p}.weight") for p in names]
-    return None if None in parts else parts
+    return None if any(part is None for part in parts) else parts
 
 
 @torch.no_grad()

@@ -173,21 +173,9 @@ def interleaved_decode_rates(a, llamas: dict, ids) -> dict:
     return {f"{name}_decode_tok_s": statistics.median(v) for name, v in rates.items()}
 
 
-def fused_default():
-    "The default model as load() builds it, but with fused projections (wq|wk|wv, w1|w3; chapter 11)."
-    from llama2_edu.checkpoint import load_checkpoint
-    from llama2_edu.kv_cache import use_heads_first_cache
-    from llama2_edu.model import fuse_projections
-    from llama2_edu.model_file import open_gguf
-    from llama2_edu.quantize import quantize_model
-    model, tokenizer = load_checkpoint(None, device="cpu")
-    quantize_model(fuse_projections(model), "gguf", open_gguf(embedded_model_path()))
-    return Llama(use_heads_first_cache(model, torch.float32), tokenizer)
-
-
 def fusion(a):
     "Decode rates of the default model with separate and with fused projections, interleaved."
-    separate, fused = load(device="cpu"), fused_default()
+    separate, fused = load(device="cpu"), load(device="cpu", fuse=True)
     ids = fused.encode_prompt(PROMPT)
     return dict(runs=a.runs, **interleaved_decode_rates(a, dict(separate=separate, fused=fused), ids))
 

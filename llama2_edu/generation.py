@@ -758,6 +758,7 @@ def load(
     seed: Optional[int] = None,
     quantize="auto",
     compile: bool = False,
+    fuse: bool = False,
 ) -> Llama:
     """Load a model ready to generate: `source` None is the embedded SmolLM2-135M; else
     a Meta or Hugging Face checkpoint directory, a `.gguf` file or a Hugging Face hub
@@ -765,10 +766,11 @@ def load(
     runs a GGUF file at its own precision and other checkpoints in bf16, unless `dtype`
     is given (then: plain layers in that dtype); 'int8' or 'int4' quantizes the weights;
     None: plain layers. `compile`: compile the decoding step with torch.compile (chapter
-    11; the first step then waits for the compiler)."""
+    11; the first step then waits for the compiler). `fuse`: fused projections (chapter
+    11)."""
     # chapter 11
     from llama2_edu.kv_cache import use_heads_first_cache
-    from llama2_edu.model import compile_decoding
+    from llama2_edu.model import compile_decoding, fuse_projections
     from llama2_edu.quantize import load_plan, quantize_model
 
     # before anything looks at the device
@@ -797,6 +799,8 @@ def load(
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
     )
+    if fuse:  # before quantizing: the fused matrices take their parts' blocks
+        fuse_projections(model)
     if mode is not None:
         quantize_model(model, mode, reader, dtype=dtype)
     # the same values in attention's order; on the CPU in fp32, which attends faster

@@ -139,13 +139,9 @@ def test_generation_on_the_fast_path(fast):
     assert all(len(t) == 4 for t in tokens)
 
 
-def test_fused_projections_keep_the_file_blocks_and_the_logits(fast, embedded_reader):
-    from llama2_edu.checkpoint import load_checkpoint
-    from llama2_edu.kv_cache import use_heads_first_cache
-    from llama2_edu.model import FusedAttention, FusedFeedForward, fuse_projections
-    model = load_checkpoint(None, device="cpu", max_seq_len=512, max_batch_size=4)[0]
-    quantize_model(fuse_projections(model), "gguf", embedded_reader)
-    use_heads_first_cache(model, torch.float32)
+def test_fused_projections_keep_the_file_blocks_and_the_logits(fast):
+    from llama2_edu.model import FusedAttention, FusedFeedForward
+    model = load(device="cpu", max_seq_len=512, max_batch_size=4, fuse=True).model
     block, args = model.layers[0], fast.args
     assert isinstance(block.attention, FusedAttention) and isinstance(block.feed_forward, FusedFeedForward)
     assert isinstance(block.attention.wqkv, Int4Linear) and isinstance(block.feed_forward.w13, Int4Linear)

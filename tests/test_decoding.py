@@ -85,3 +85,9 @@ def test_compile_is_refused_under_torchrun(monkeypatch):
 def test_load_gives_every_model_the_heads_first_cache():
     llama = load(device="cpu", dtype=torch.float32, max_seq_len=64)
     assert all(isinstance(layer.attention.cache, HeadsFirstKVCache) for layer in llama.model.layers)
+
+
+def test_fuse_is_refused_under_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InputError, match="fuse=True is not combined with tensor parallelism"):
+        load(device="cpu", fuse=True)

@@ -42,7 +42,8 @@ class Int8Linear(nn.Module):
 
     # (..., in_features)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.dtype)
+        if x.dtype != self.dtype:  # a cast that changes nothing still costs a call
+            x = x.to(self.dtype)
         if not self.on_cpu:
             return self.forward_fused(x)
         y = torch._weight_int8pack_mm(
@@ -142,8 +143,10 @@ class Int4Linear(nn.Module):
 
     # (..., in_features)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.dtype:  # as in Int8Linear
+            x = x.to(self.dtype)
         # (tokens, in_features)
-        x2 = x.reshape(-1, self.in_features).to(self.dtype)
+        x2 = x.reshape(-1, self.in_features)
         # (tokens, out_features)
         y = self.mm(x2, self.weight, self.groupsize, self.scales_and_zeros)
         return y.view(*x.shape[:-1], self.out_features)

@@ -6,6 +6,7 @@
     python benchmarks/decode.py --only layout                    # Meta's KV-cache layout vs heads first
     python benchmarks/decode.py --only fusion                    # separate vs fused wq|wk|wv and w1|w3
     python benchmarks/decode.py --only kv                        # bf16 vs fp32 keys and values on the CPU
+    python benchmarks/decode.py --only overhead                  # a step without its matrix products
 
 One process, one prompt, one thread count; the contenders are interleaved (round r runs every contender once) and
 each figure is the median over the rounds. Writes benchmarks/results/decode.json and the plots next to it, which
@@ -180,6 +181,22 @@ def fusion(a):
     return dict(runs=a.runs, **interleaved_decode_rates(a, dict(separate=separate, fused=fused), ids))
 
 
+def long_context(llama: Llama, context: int) -> torch.Tensor:
+    "The first `context` tokens of TEXT repeated, (1, context)."
+    return torch.tensor([llama.encode_prompt((TEXT + " ") * 4)[:context]])
+
+
+@torch.inference_mode()
+def decode_rate_after(model, tokens, gen: int) -> float:
+    "Tokens per second of `gen` decoding steps after a prefill of `tokens` (the prefill is not timed)."
+    model.forward(tokens, 0, last_only=True)
+    context = tokens.shape[1]
+    t = time.perf_counter()
+    for i in range(gen):
+        model.forward(tokens[:, -1:], context + i, last_only=True)
+    return gen / (time.perf_counter() - t)
+
+
 def kv_dtype(a, context=400, calls=200):
     """One layer's attention call at decoding shape, bf16 vs fp32, and the default model's decode rate after a
     `context`-token prompt with a bf16 and with an fp32 cache, interleaved."""
@@ -193,22 +210,12 @@ def kv_dtype(a, context=400, calls=200):
             q = torch.randn(1, args.n_heads, 1, args.head_dim).to(torch.bfloat16)
             k, v = (torch.randn(1, args.n_kv_heads, context, args.head_dim, dtype=dtype) for _ in "kv")
             out[f"{name}_attention_s"] = time_it(lambda: [attention(q, k, v) for _ in range(calls)], a.runs) / calls
-    tokens = torch.tensor([llama.encode_prompt((TEXT + " ") * 4)[:context]])
+    tokens = long_context(llama, context)
     rates = {"bf16": [], "fp32": []}
-
-    @torch.inference_mode()
-    def decode_rate(model):
-        "Tokens per second of a.gen decoding steps after a prefill of the context (the prefill is not timed)."
-        model.forward(tokens, 0, last_only=True)
-        t = time.perf_counter()
-        for i in range(a.gen):
-            model.forward(tokens[:, -1:], context + i, last_only=True)
-        return a.gen / (time.perf_counter() - t)
-
     for _ in range(a.runs):
         for name, dtype in (("bf16", None), ("fp32", torch.float32)):
             use_heads_first_cache(llama.model, dtype)
-            rates[name].append(decode_rate(llama.model))
+            rates[name].append(decode_rate_after(llama.model, tokens, a.gen))
     use_heads_first_cache(llama.model, torch.float32)
     return dict(out, **{f"{k}_decode_tok_s": statistics.median(v) for k, v in rates.items()})
 
@@ -231,7 +238,7 @@ def main(argv=None):
     p.add_argument("--gen", type=int, default=64, help="tokens to decode per run")
     p.add_argument("--llama-bench", metavar="PATH", default=None, help="llama.cpp's llama-bench binary")
     p.add_argument("--out", type=Path, default=ROOT / "results")
-    p.add_argument("--only", choices=["fusion", "kv", "compile", "layout", "llama-bench"], default=None,
+    p.add_argument("--only", choices=["fusion", "kv", "compile", "layout", "overhead", "llama-bench"], default=None,
                    help="measure only this, and add it to an existing decode.json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -347,14 +354,56 @@ def compiled_decode(a):
                 **interleaved_decode_rates(a, dict(eager=eager, compiled=compiled), ids))
 
 
-def cache_layout(a):
-    "Decode rates of the default model with Meta's KV-cache layout and with HeadsFirstKVCache, interleaved."
+def cache_layout(a, context=400):
+    """Decode rates of the default model with Meta's KV-cache layout and with HeadsFirstKVCache, interleaved: after
+    the prompt, and after a `context`-token prefill."""
     from llama2_edu.kv_cache import KVCache
     heads_first, meta = load(device="cpu"), load(device="cpu")
     for layer in meta.model.layers:  # the same precision, Meta's order
         layer.attention.cache = KVCache(*layer.attention.cache.shape, layer.attention.cache.dtype)
-    ids = meta.encode_prompt(PROMPT)
-    return dict(runs=a.runs, **interleaved_decode_rates(a, dict(meta=meta, heads_first=heads_first), ids))
+    llamas = dict(meta=meta, heads_first=heads_first)
+    ids, tokens = meta.encode_prompt(PROMPT), long_context(meta, context)
+    rates = {name: [] for name in llamas}
+    for _ in range(a.runs):
+        for name, llama in llamas.items():
+            rates[name].append(decode_rate_after(llama.model, tokens, a.gen))
+    return dict(runs=a.runs, context=context, **interleaved_decode_rates(a, llamas, ids),
+                **{f"{name}_decode_tok_s_at_context": statistics.median(v) for name, v in rates.items()})
+
+
+@torch.inference_mode()
+def step_overhead(a, steps=20):
+    """Seconds per decoding step of the default model as it is, with its int4 layers' matrix products replaced by a
+    ready-made output, and with the head's as well (interleaved): what is left is the cost of everything else."""
+    from llama2_edu.quantize import Int4Linear
+    llama = load(device="cpu")
+    model, head = llama.model, llama.model.output
+    ids = llama.encode_prompt(PROMPT)
+    model.forward(torch.tensor([ids]), 0, last_only=True)
+    tok = torch.tensor([[ids[-1]]])
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    kernels = {m: m.mm for m in layers}
+    outputs = {m: torch.zeros(1, m.out_features, dtype=m.dtype) for m in layers}
+    head_output = torch.zeros(1, 1, model.vocab_size, dtype=head.dtype)
+
+    def step_seconds():
+        t = time.perf_counter()
+        for i in range(steps):
+            model.forward(tok, len(ids) + i, last_only=True)
+        return (time.perf_counter() - t) / steps
+
+    times = {"step": [], "without_int4_step": [], "without_int4_and_head_step": []}
+    for _ in range(a.runs):
+        for variant in times:
+            for m in layers:
+                m.mm = kernels[m] if variant == "step" else (lambda *args, out=outputs[m]: out)
+            if variant == "without_int4_and_head_step":
+                head.forward = lambda x: head_output
+            elif "forward" in vars(head):
+                del head.forward
+            times[variant].append(step_seconds())
+    return dict(runs=a.runs, steps=steps, int4_layers=len(layers), **{f"{k}_s": statistics.median(v)
+                                                                   for k, v in times.items()})
 
 
 def add_to_results(a):
@@ -368,6 +417,8 @@ def add_to_results(a):
         results["compile"] = compiled_decode(a)
     elif a.only == "layout":
         results["cache_layout"] = cache_layout(a)
+    elif a.only == "overhead":
+        results["overhead"] = step_overhead(a)
     else:  # llama.cpp interleaved with our default path, same prompt length and token count
         if not a.llama_bench:
             raise SystemExit("--only llama-bench needs --llama-bench PATH")

@@ -165,13 +165,20 @@ def profile(llama: Llama, ids, steps=8, top=8):
     return [[name, t / total] for name, t in events[:top]]
 
 
+def interleaved_medians(runs: int, measures: dict) -> dict:
+    "{name: median}: each of `measures` (name: a function returning a number) over `runs` rounds, each calling all."
+    values = {name: [] for name in measures}
+    for _ in range(runs):
+        for name, measure in measures.items():
+            values[name].append(measure())
+    return {name: statistics.median(v) for name, v in values.items()}
+
+
 def interleaved_decode_rates(a, llamas: dict, ids) -> dict:
     "{name}_decode_tok_s: the median decode rate of each of `llamas` over a.runs rounds, each round running all."
-    rates = {name: [] for name in llamas}
-    for _ in range(a.runs):
-        for name, llama in llamas.items():
-            rates[name].append((a.gen - 1) / Ours(name, "", llama).run(ids, a.gen)[1])
-    return {f"{name}_decode_tok_s": statistics.median(v) for name, v in rates.items()}
+    measures = {name: lambda llama=llama: (a.gen - 1) / Ours("", "", llama).run(ids, a.gen)[1]
+                for name, llama in llamas.items()}
+    return {f"{name}_decode_tok_s": v for name, v in interleaved_medians(a.runs, measures).items()}
 
 
 def fusion(a):
@@ -211,13 +218,13 @@ def kv_dtype(a, context=400, calls=200):
             k, v = (torch.randn(1, args.n_kv_heads, context, args.head_dim, dtype=dtype) for _ in "kv")
             out[f"{name}_attention_s"] = time_it(lambda: [attention(q, k, v) for _ in range(calls)], a.runs) / calls
     tokens = long_context(llama, context)
-    rates = {"bf16": [], "fp32": []}
-    for _ in range(a.runs):
-        for name, dtype in (("bf16", None), ("fp32", torch.float32)):
-            use_heads_first_cache(llama.model, dtype)
-            rates[name].append(decode_rate_after(llama.model, tokens, a.gen))
-    use_heads_first_cache(llama.model, torch.float32)
-    return dict(out, **{f"{k}_decode_tok_s": statistics.median(v) for k, v in rates.items()})
+
+    def rate_with(dtype):
+        use_heads_first_cache(llama.model, dtype)
+        return decode_rate_after(llama.model, tokens, a.gen)
+
+    rates = interleaved_medians(a.runs, dict(bf16=lambda: rate_with(None), fp32=lambda: rate_with(torch.float32)))
+    return dict(out, **{f"{k}_decode_tok_s": v for k, v in rates.items()})
 
 
 @torch.inference_mode()
@@ -363,12 +370,10 @@ def cache_layout(a, context=400):
         layer.attention.cache = KVCache(*layer.attention.cache.shape, layer.attention.cache.dtype)
     llamas = dict(meta=meta, heads_first=heads_first)
     ids, tokens = meta.encode_prompt(PROMPT), long_context(meta, context)
-    rates = {name: [] for name in llamas}
-    for _ in range(a.runs):
-        for name, llama in llamas.items():
-            rates[name].append(decode_rate_after(llama.model, tokens, a.gen))
+    at_context = interleaved_medians(a.runs, {name: lambda llama=llama: decode_rate_after(llama.model, tokens, a.gen)
+                                              for name, llama in llamas.items()})
     return dict(runs=a.runs, context=context, **interleaved_decode_rates(a, llamas, ids),
-                **{f"{name}_decode_tok_s_at_context": statistics.median(v) for name, v in rates.items()})
+                **{f"{name}_decode_tok_s_at_context": v for name, v in at_context.items()})
 
 
 @torch.inference_mode()
@@ -386,24 +391,23 @@ def step_overhead(a, steps=20):
     outputs = {m: torch.zeros(1, m.out_features, dtype=m.dtype) for m in layers}
     head_output = torch.zeros(1, 1, model.vocab_size, dtype=head.dtype)
 
-    def step_seconds():
+    def step_seconds(int4=True, head_product=True):
+        for m in layers:
+            m.mm = kernels[m] if int4 else (lambda *args, out=outputs[m]: out)
+        if not head_product:  # an instance attribute, in front of the class's forward until deleted
+            head.forward = lambda x: head_output
         t = time.perf_counter()
         for i in range(steps):
             model.forward(tok, len(ids) + i, last_only=True)
-        return (time.perf_counter() - t) / steps
+        seconds = (time.perf_counter() - t) / steps
+        vars(head).pop("forward", None)
+        for m in layers:
+            m.mm = kernels[m]
+        return seconds
 
-    times = {"step": [], "without_int4_step": [], "without_int4_and_head_step": []}
-    for _ in range(a.runs):
-        for variant in times:
-            for m in layers:
-                m.mm = kernels[m] if variant == "step" else (lambda *args, out=outputs[m]: out)
-            if variant == "without_int4_and_head_step":
-                head.forward = lambda x: head_output
-            elif "forward" in vars(head):
-                del head.forward
-            times[variant].append(step_seconds())
-    return dict(runs=a.runs, steps=steps, int4_layers=len(layers), **{f"{k}_s": statistics.median(v)
-                                                                   for k, v in times.items()})
+    times = interleaved_medians(a.runs, dict(step=step_seconds, without_int4_step=lambda: step_seconds(False),
+                                             without_int4_and_head_step=lambda: step_seconds(False, False)))
+    return dict(runs=a.runs, steps=steps, int4_layers=len(layers), **{f"{k}_s": v for k, v in times.items()})
 
 
 def add_to_results(a):

@@ -35,6 +35,7 @@ def test_int8_layer_is_a_matmul_with_the_dequantized_weights(shape):
     for y in (layer(x), layer.forward_fused(x)):  # the CPU kernel and the GPU formula
         assert y.shape == (2, 3, shape[0]) and y.dtype == torch.bfloat16
         torch.testing.assert_close(y.float(), reference, rtol=2e-2, atol=2e-2)
+    assert torch.equal(layer(x.float()), layer(x))  # an input in another dtype is cast first
 
 
 @pytest.mark.parametrize("shape, groupsize", [((1536, 576), 32), ((576, 1536), 64), ((192, 576), 32)])
@@ -49,6 +50,7 @@ def test_int4_layer_is_a_matmul_with_the_dequantized_weights(shape, groupsize):
     x = torch.randn(5, shape[1], generator=gen).bfloat16()
     reference = x.float() @ dequantize_int4(q, sz[..., 0].T, sz[..., 1].T).T
     torch.testing.assert_close(layer(x).float(), reference, rtol=2e-2, atol=2e-2)
+    assert torch.equal(layer(x.float()), layer(x))  # an input in another dtype is cast first
 
 
 def test_cuda_int4_packing_and_tiling():

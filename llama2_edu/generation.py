@@ -785,8 +785,8 @@ def load(
         )
     if parallel and fuse:
         raise InputError(
-            "fuse=True is not combined with tensor parallelism (torchrun): leave it out,"
-            " and each process keeps its slices of wq, wk, wv, w1 and w3."
+            "fuse=True is not combined with tensor parallelism (torchrun): leave it"
+            " out, and each process keeps its slices of wq, wk, wv, w1 and w3."
         )
     if mode is not None and parallel:
         if quantize != "auto":

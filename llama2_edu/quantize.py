@@ -246,7 +246,7 @@ def quantize_model(
             " file's own precision) or None (plain nn.Linear layers)."
         )
     tensors = (
-        {meta_name(t.name): t for t in reader.tensors if t.name != "rope_freqs.weight"}
+        {meta_name(t.name): t for t in reader.tensors}
         if reader
         else {}
     )

@@ -397,12 +397,14 @@ GGUF_KEYS = {
 
 
 def args_from_gguf(source, **overrides) -> ModelArgs:
-    """`ModelArgs` of a Llama-architecture GGUF file (an open `gguf.GGUFReader`, or a
-    path: then only its header is read, see `gguf_header`); `overrides` (e.g.
+    """`ModelArgs` of a Llama-architecture GGUF file: an open `gguf.GGUFReader`, or a
+    path or its `gguf_header` (then only the header is read); `overrides` (e.g.
     `max_seq_len=512`) win. What Llama 2 does not use is refused, naming the key: other
     architectures, RoPE scaling, partial rotary dimensions."""
     if isinstance(source, (str, Path)):
-        metadata, shapes = gguf_header(source)
+        source = gguf_header(source)
+    if isinstance(source, tuple):
+        metadata, shapes = source
     else:
         metadata = gguf_metadata(source)
         shapes = {t.name: [int(d) for d in t.shape] for t in source.tensors}

@@ -366,10 +366,10 @@ def render_chat_template(
         raise CheckpointError(
             f"The chat template of {source} (tokenizer.chat_template) cannot be"
             f" rendered: {type(e).__name__}: {reason}. Drop --chat (or call"
-            " text_completion) to continue plain text, or use a file with a working template."
+            " text_completion) to continue plain text, or use a file with a working"
+            " template."
         ) from None
     return "".join(text)
-
 
 # %% ../notebooks/09_generation.ipynb #e11be870
 class Llama:
@@ -468,9 +468,9 @@ class Llama:
                     f" max_seq_len={params.max_seq_len}: shorten it, or load the model"
                     " with a larger max_seq_len."
                 )
-            prompts.append(self.tokenizer.check_ids(t))  # every id a row of the embedding
+            # every id a row of the embedding
+            prompts.append(self.tokenizer.check_ids(t))
         return prompts
-
 
 # %% ../notebooks/09_generation.ipynb #a9c3e1d2
 def _batch(self: Llama, prompt_tokens: List[List[int]], max_gen_len: int):

@@ -159,6 +159,7 @@ def gguf_metadata(reader: "gguf.GGUFReader") -> dict:
         if not name.startswith("GGUF.")
     }
 
+
 # GGUF metadata value types: struct format of the scalars; 8 is a string, 9 an array
 GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?"}
 GGUF_SCALARS.update({10: "Q", 11: "q", 12: "d"})
@@ -211,7 +212,9 @@ def _parse_header(m) -> tuple:
         nonlocal pos
         n = scalar("Q")
         if pos + n > len(m):
-            raise ValueError(f"a string of {n:,} bytes at byte {pos:,} ends past the end")
+            raise ValueError(
+                f"a string of {n:,} bytes at byte {pos:,} ends past the end"
+            )
         pos += n
         return bytes(m[pos - n : pos]).decode("utf-8")
 

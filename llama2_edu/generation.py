@@ -663,6 +663,7 @@ def _generate_all(
     """`generate` on any number of prompts: `max_batch_size` at a time (chunk k seeded
     with seed + k)."""
     size, seed = self.model.params.max_batch_size, kw.pop("seed", None)
+    seed = None if seed is None else check_seed(seed)  # before seed + k
     out_tokens, out_logprobs = [], []
     for k in range(0, max(len(prompt_tokens), 1), size):
         toks, probs = self.generate(

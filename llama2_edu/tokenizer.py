@@ -644,6 +644,7 @@ def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
         else open_gguf(path_or_reader)
     )
     kind = _field(reader, "tokenizer.ggml.model")
+    source = str(reader.data.filename)
     get = lambda key, default=None: _field(reader, f"tokenizer.ggml.{key}", default)
     chat_template = _field(reader, "tokenizer.chat_template")
     if kind not in GGUF_TOKENIZER_MODELS:
@@ -655,7 +656,7 @@ def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
     tokens = get("tokens")
     if not tokens:
         raise CheckpointError(
-            "The GGUF file has no tokenizer.ggml.tokens: its vocabulary is missing"
+            f"{source} has no tokenizer.ggml.tokens: its vocabulary is missing"
             " (a damaged or incomplete conversion). Pass a tokenizer.model with"
             " tokenizer_path= (--tokenizer on the command line)."
         )
@@ -667,7 +668,7 @@ def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
     for key, i in ids.items():
         if not (isinstance(i, int) and -1 <= i < len(tokens)):
             raise CheckpointError(
-                f"tokenizer.ggml.{key}={i!r} is not a token of the file's"
+                f"{source}: tokenizer.ggml.{key}={i!r} is not a token of the file's"
                 f" {len(tokens):,}-piece vocabulary: the file is damaged."
             )
     if kind == "llama":
@@ -686,14 +687,14 @@ def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
             add_bos=get("add_bos_token", True),
             chat_template=chat_template,
         )
-        tok.source = str(reader.data.filename)
+        tok.source = source
         return tok
     merges = get("merges")
     if not merges or any(len(m.split(" ")) != 2 for m in merges):
         raise CheckpointError(
-            "tokenizer.ggml.merges is missing or holds a merge that is not two pieces"
-            " separated by a space ('a b'): a byte-level BPE vocabulary needs its"
-            " merges. The file is damaged or an incomplete conversion."
+            f"{source}: tokenizer.ggml.merges is missing or holds a merge that is not"
+            " two pieces separated by a space ('a b'): a byte-level BPE vocabulary"
+            " needs its merges. The file is damaged or an incomplete conversion."
         )
     tok = BPETokenizer(
         tokens,
@@ -706,7 +707,7 @@ def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
         pre=get("pre"),
         chat_template=chat_template,
     )
-    tok.source = str(reader.data.filename)
+    tok.source = source
     return tok
 
 

@@ -744,9 +744,9 @@ def load_tokenizer(source=None) -> Tokenizer:
     path = Path(source).expanduser()
     if path.is_dir():
         candidates = [path / "tokenizer.model"]
-        # Meta's download keeps it beside the model folders; a Hugging Face checkpoint
-        # (config.json) has its own, never its neighbour's
-        if not (path / "config.json").is_file():
+        # Meta's download keeps it beside the model folders; a directory whose own
+        # tokenizer is a tokenizer.json never takes its neighbour's (another model's)
+        if not (path / "tokenizer.json").is_file():
             candidates.append(path.parent / "tokenizer.model")
         for candidate in candidates:
             if candidate.is_file():

@@ -2,13 +2,13 @@
 
 # %% auto #0
 __all__ = ['FLOAT_DTYPES', 'DEFAULT_MAX_SEQ_LEN', 'DEFAULT_MAX_BATCH_SIZE', 'MAX_WEIGHT', 'META_SPLIT_DIM', 'META_IGNORED',
-           'HF_TO_META', 'HUB_ID', 'default_device', 'supports_bf16', 'default_dtype', 'check_device', 'check_dtype',
-           'check_sizes', 'fit_context', 'check_gguf_types', 'gguf_version', 'check_tokenizer', 'about',
-           'read_gguf_model', 'load_gguf', 'meta_split_dim', 'args_from_params', 'check_shards', 'open_shard',
-           'check_same_tensors', 'copy_slice', 'meta_layer', 'meta_state_dict', 'find_tokenizer', 'read_json',
-           'read_meta_model', 'load_meta', 'hf_to_meta_name', 'args_from_hf_config', 'hf_weight_files', 'read_hf_file',
-           'permute_from_hf_in_place', 'hf_state_dict', 'read_hf_model', 'load_hf', 'download_from_hub',
-           'checkpoint_layout', 'checkpoint_path', 'load_checkpoint']
+           'HF_TO_META', 'HF_CONFIG_KEYS', 'HUB_ID', 'default_device', 'supports_bf16', 'default_dtype', 'check_device',
+           'check_dtype', 'check_sizes', 'fit_context', 'available_memory', 'check_memory', 'check_gguf_types',
+           'gguf_version', 'check_tokenizer', 'about', 'read_gguf_model', 'load_gguf', 'meta_split_dim',
+           'args_from_params', 'check_shards', 'open_shard', 'check_same_tensors', 'copy_slice', 'meta_layer',
+           'meta_state_dict', 'find_tokenizer', 'read_json', 'read_meta_model', 'load_meta', 'hf_to_meta_name',
+           'args_from_hf_config', 'hf_weight_files', 'read_hf_file', 'permute_from_hf_in_place', 'hf_state_dict',
+           'read_hf_model', 'load_hf', 'download_from_hub', 'checkpoint_layout', 'checkpoint_path', 'load_checkpoint']
 
 # %% ../notebooks/08_loading_weights.ipynb #dde10dd9
 import contextlib
@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from .kv_cache import kv_cache_bytes
 from .model import Transformer
 from llama2_edu.model_file import (
     LLAMA2_ARGS,
@@ -33,10 +34,12 @@ from llama2_edu.model_file import (
     Llama2EduError,
     MissingFileError,
     ModelArgs,
+    model_args,
     args_from_gguf,
+    check_file,
     check_int,
     embedded_model_path,
-    gguf_metadata,
+    gguf_header,
     gguf_state_dict,
     open_gguf,
 )
@@ -143,12 +146,16 @@ def check_sizes(max_seq_len, max_batch_size) -> dict:
     )
 
 
-def fit_context(overrides: dict, trained_len: Optional[int], source) -> dict:
+def fit_context(
+    overrides: dict, trained_len: Optional[int], source, key="context length"
+) -> dict:
     """`overrides` with `max_seq_len` fitted to the context the model was trained for:
     None becomes the default
     (less if the model was trained on fewer positions); more than `trained_len` is
-    refused (untrained positions).
+    refused (untrained positions). `key` names `trained_len` in the file.
     """
+    if trained_len is not None:
+        check_int(key, trained_len, error=ConfigError)
     if "max_seq_len" not in overrides:
         return overrides
     max_seq_len = overrides["max_seq_len"]
@@ -161,6 +168,39 @@ def fit_context(overrides: dict, trained_len: Optional[int], source) -> dict:
             " (--max-seq-len on the command line)."
         )
     return {**overrides, "max_seq_len": max_seq_len}
+
+
+def available_memory(device) -> int:
+    """Bytes free for new tensors on `device`: the GPU's free memory, else the system's
+    available memory (Linux's MemAvailable; elsewhere all physical memory)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(args: ModelArgs, device, dtype):
+    """Refuse, before anything is allocated, a KV cache and RoPE table that would not
+    fit `device`'s memory (the cache holds `dtype` values, float32 on the CPU, as
+    `load` keeps it): a huge max_seq_len or max_batch_size fails here, in one line."""
+    device = torch.device(device)
+    per_value = 4 if device.type == "cpu" else dtype.itemsize
+    # chapter 6's formula; the table: 2 * max_seq_len positions x head_dim / 2 complex64
+    needed = kv_cache_bytes(args, per_value) + args.max_seq_len * args.head_dim * 8
+    free = available_memory(device)
+    if needed > free:
+        raise InputError(
+            f"A KV cache of max_batch_size={args.max_batch_size} x"
+            f" max_seq_len={args.max_seq_len} positions needs {needed / 1e9:,.1f} GB,"
+            f" more than the {free / 1e9:,.1f} GB of memory available on {device}:"
+            " lower max_seq_len (--max-seq-len) or max_batch_size."
+        )
+
 
 # %% ../notebooks/08_loading_weights.ipynb #124010ce
 def _gguf_tokenizer(reader):
@@ -207,6 +247,13 @@ def _assign(model: Transformer, tensors, device, dtype, desc: str, source=None):
                 f" but the hyper-parameters imply {tuple(expected[name].shape)}: the"
                 " configuration file does not describe these weights (check you"
                 " pointed at the right model's files)."
+            )
+        if not w.is_floating_point():
+            raise CheckpointError(
+                f"{where}tensor {name!r} is stored as {w.dtype}: quantized integer"
+                " weights need their scales, which this loader does not read. Pass"
+                " float weights (fp32, bf16 or fp16), or a GGUF file for quantized"
+                " ones."
             )
         w = w.to(device=device, dtype=dtype)
         # one pass over each tensor, once, at load, with no temporary copy of it
@@ -294,12 +341,18 @@ def about(path):
 def read_gguf_model(path, tokenizer_path=None, **overrides):
     """A GGUF file read up to its weights, every check done: `(args, tokenizer,
     reader)`; the tokenizer comes from the same file unless `tokenizer_path`."""
-    reader = open_gguf(path)
     with about(path):
-        trained_len = gguf_metadata(reader).get("llama.context_length")
+        # the header alone first: an unsupported file is refused before its arrays
+        # (a vocabulary of a million pieces) are parsed
+        header = gguf_header(path)
+        trained_len = header[0].get("llama.context_length")
         args = args_from_gguf(
-            reader, **fit_context(overrides, trained_len, Path(path).name)
+            header,
+            **fit_context(
+                overrides, trained_len, Path(path).name, "llama.context_length"
+            ),
         )
+        reader = open_gguf(path)
         check_gguf_types(reader)
     if tokenizer_path is not None:
         from llama2_edu.tokenizer import load_tokenizer
@@ -314,6 +367,7 @@ def load_gguf(path, device, dtype, tokenizer_path=None, **overrides):
     """Model and tokenizer (from the same file unless `tokenizer_path`) of a GGUF file,
     dequantized tensor by tensor."""
     args, tokenizer, reader = read_gguf_model(path, tokenizer_path, **overrides)
+    check_memory(args, device, dtype)
     with torch.device("meta"):
         model = Transformer(args)
     model = _assign(
@@ -372,15 +426,33 @@ def args_from_params(params: dict, n_words: int, **overrides) -> ModelArgs:
             " It is probably not a Llama 2 checkpoint (Llama 3 and later need other"
             " code)."
         )
-    args = ModelArgs(**{**params, **overrides})
+    args = model_args({}, **{**params, **overrides})
     if args.vocab_size == -1:
         args.vocab_size = n_words
     return args
 
 
-def check_shards(args: ModelArgs, n_shards: int):
-    """Each of Meta's model-parallel shards holds n_heads / n_shards query heads and
-    n_kv_heads / n_shards KV heads."""
+def check_shards(args: ModelArgs, paths: list):
+    """All of Meta's model-parallel shards are here (consolidated.00.pth, 01, ...; the
+    first one's slice of tok_embeddings says how many it was saved in), and each holds
+    n_heads / n_shards query heads and n_kv_heads / n_shards KV heads."""
+    n_shards = len(paths)
+    names = [path.name for path in paths]
+    if names != [f"consolidated.{i:02d}.pth" for i in range(n_shards)]:
+        raise CheckpointError(
+            f"The shards are {names}, but Meta numbers them from consolidated.00.pth"
+            " without a gap: a shard is missing. Download it again (Meta's"
+            " download.sh)."
+        )
+    embedding = open_shard(paths[0]).get("tok_embeddings.weight")
+    columns = embedding.shape[1] if embedding is not None else args.dim
+    if columns * n_shards < args.dim and args.dim % columns == 0:
+        raise CheckpointError(
+            f"{names[0]} holds {columns} of the dim={args.dim} columns of"
+            f" tok_embeddings.weight: the checkpoint was saved in"
+            f" {args.dim // columns} shards, and {n_shards} are here. A shard is"
+            f" missing: download consolidated.{n_shards:02d}.pth and the others again."
+        )
     if args.n_heads % n_shards or args.n_kv_heads % n_shards:
         raise CheckpointError(
             f"{n_shards} shards cannot split {args.n_heads} query heads and"
@@ -493,6 +565,8 @@ def find_tokenizer(ckpt_dir: Path, tokenizer_path=None):
     try:
         return load_tokenizer(ckpt_dir)
     except MissingFileError:
+        if (ckpt_dir / "tokenizer.json").is_file():
+            raise  # chapter 1's message says what to download
         raise MissingFileError(
             f"No tokenizer.model in {ckpt_dir} or its parent: pass tokenizer_path="
             " (--tokenizer on the command line); Meta's download puts it next to the"
@@ -519,7 +593,10 @@ def read_json(path: Path) -> dict:
 def read_meta_model(ckpt_dir: Path, tokenizer_path=None, **overrides):
     """Meta's checkpoint read up to its weights, every check done: `(args, tokenizer,
     shard paths)`."""
-    paths = sorted(ckpt_dir.glob("consolidated.*.pth"))
+    paths = [
+        check_file(path, "weight file")  # a FIFO would block for ever
+        for path in sorted(ckpt_dir.glob("consolidated.*.pth"))
+    ]
     if not paths:
         raise MissingFileError(
             f"{ckpt_dir} has params.json but no consolidated.NN.pth weight files: "
@@ -533,13 +610,14 @@ def read_meta_model(ckpt_dir: Path, tokenizer_path=None, **overrides):
             read_json(ckpt_dir / "params.json"), tokenizer.n_words, **overrides
         )
     check_tokenizer(tokenizer, args, ckpt_dir / "params.json")
-    check_shards(args, len(paths))
+    check_shards(args, paths)
     return args, tokenizer, paths
 
 def load_meta(ckpt_dir: Path, device, dtype, tokenizer_path=None, **overrides):
     """Model and tokenizer from Meta's `params.json` + `consolidated.NN.pth` +
     `tokenizer.model`."""
     args, tokenizer, paths = read_meta_model(ckpt_dir, tokenizer_path, **overrides)
+    check_memory(args, device, dtype)
     with torch.device("meta"):
         model = Transformer(args)  # shapes only: no memory
     model = _assign(
@@ -584,8 +662,24 @@ def hf_to_meta_name(name: str) -> Optional[str]:
     return HF_TO_META[key].format(i=i)
 
 # %% ../notebooks/08_loading_weights.ipynb #c324267e
+# ModelArgs field -> config.json key
+HF_CONFIG_KEYS = {
+    "dim": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "vocab_size": "vocab_size",
+    "ffn_hidden_dim": "intermediate_size",
+    "norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+    "tie_word_embeddings": "tie_word_embeddings",
+}
+
+
 def args_from_hf_config(config: dict, **overrides) -> ModelArgs:
-    "`ModelArgs` from a Hugging Face `config.json` (LlamaForCausalLM)."
+    """`ModelArgs` from a Hugging Face `config.json` (LlamaForCausalLM). What Llama 2
+    does not use is refused, naming the key: RoPE scaling (with or without a type),
+    another activation, biases, a head_dim of its own."""
     if config.get("model_type") != "llama":
         raise ConfigError(
             f"Unsupported architecture {config.get('model_type')!r} in config.json:"
@@ -593,10 +687,20 @@ def args_from_hf_config(config: dict, **overrides) -> ModelArgs:
         )
     # transformers >= 5 / < 5
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
+    if not isinstance(rope, dict) or (
+        rope.get("rope_type", rope.get("type", "default")) != "default"
+        or set(rope) - {"rope_type", "type", "rope_theta"}
+    ):
         raise ConfigError(
             f"config.json asks for RoPE scaling {rope!r}, which this book does not"
-            " implement (Llama 2 uses plain RoPE)."
+            " implement: it runs plain RoPE, as Llama 2 does (Llama 3.1 and later"
+            " stretch their context this way)."
+        )
+    if config.get("hidden_act", "silu") != "silu":
+        raise ConfigError(
+            f"hidden_act={config['hidden_act']!r} in config.json: Llama 2's"
+            " feed-forward layer is SwiGLU, built on 'silu', the only activation this"
+            " book implements."
         )
     if config.get("attention_bias") or config.get("mlp_bias"):
         raise ConfigError(
@@ -616,18 +720,6 @@ def args_from_hf_config(config: dict, **overrides) -> ModelArgs:
             " configuration (download it again from the model's repository)."
         )
     n_heads = config["num_attention_heads"]
-    if not isinstance(n_heads, int) or n_heads < 1:
-        raise ConfigError(
-            f"num_attention_heads={n_heads!r} is invalid: it must be an integer >= 1."
-        )
-    if (
-        config.get("head_dim", config["hidden_size"] // n_heads)
-        != config["hidden_size"] // n_heads
-    ):
-        raise ConfigError(
-            "config.json sets head_dim != hidden_size // num_attention_heads, which"
-            " Llama 2 never does."
-        )
     args = dict(
         dim=config["hidden_size"],
         n_layers=config["num_hidden_layers"],
@@ -636,10 +728,20 @@ def args_from_hf_config(config: dict, **overrides) -> ModelArgs:
         vocab_size=config["vocab_size"],
         ffn_hidden_dim=config["intermediate_size"],
         norm_eps=config.get("rms_norm_eps", 1e-6),
-        rope_theta=config.get("rope_theta") or rope.get("rope_theta", 10000.0),
+        rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
         tie_word_embeddings=config.get("tie_word_embeddings", False),
     )
-    return ModelArgs(**{**args, **overrides})
+    args = model_args(HF_CONFIG_KEYS, **{**args, **overrides})
+    # null (transformers' default) means hidden_size // num_attention_heads
+    head_dim = config.get("head_dim")
+    if head_dim is not None and head_dim != args.head_dim:
+        raise ConfigError(
+            f"head_dim={head_dim!r} in config.json, but hidden_size // "
+            f"num_attention_heads is {args.head_dim}: Llama 2's heads split the hidden"
+            " size exactly, the only layout this book implements."
+        )
+    return args
+
 
 # %% ../notebooks/08_loading_weights.ipynb #939cbd70
 def hf_weight_files(ckpt_dir: Path) -> list:
@@ -651,24 +753,48 @@ def hf_weight_files(ckpt_dir: Path) -> list:
     ]:
         index = ckpt_dir / index_name
         if index.is_file():
-            files = [
-                ckpt_dir / f
-                for f in sorted(set(read_json(index).get("weight_map", {}).values()))
-            ]
-            absent = [f.name for f in files if not f.is_file()]
-            if absent:
-                raise MissingFileError(
-                    f"{index_name} lists weight files missing from {ckpt_dir}:"
-                    f" {absent}. The download is incomplete: download them too."
-                )
-            return files
+            return _indexed_files(ckpt_dir, index)
         if files := sorted(ckpt_dir.glob(pattern)):
-            return files
+            return [check_file(f, "weight file") for f in files]
     raise MissingFileError(
         f"{ckpt_dir} has config.json but no weights (*.safetensors or"
         " pytorch_model*.bin): download them too (snapshot_download fetches the whole"
         " repository)."
     )
+
+
+def _indexed_files(ckpt_dir: Path, index: Path) -> list:
+    """The weight files an index's `weight_map` names: each must be a regular file
+    inside `ckpt_dir` (an index that points at /etc/passwd or ../other/model is
+    refused)."""
+    weight_map = read_json(index).get("weight_map", {})
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(f, str) for f in weight_map.values()
+    ):
+        raise ConfigError(
+            f"{index}: weight_map must map each tensor name to a file name, e.g."
+            ' {"model.norm.weight": "model-00001-of-00002.safetensors"}: download'
+            " the index again."
+        )
+    files = []
+    for name in sorted(set(weight_map.values())):
+        # resolved as a path, not through symlinks: the hub's cache links each
+        # snapshot file to a blob elsewhere
+        path = Path(os.path.normpath(ckpt_dir / name))
+        if not path.is_relative_to(os.path.normpath(ckpt_dir)) or path == ckpt_dir:
+            raise CheckpointError(
+                f"{index} points at {name!r}, outside the checkpoint directory"
+                f" {ckpt_dir}: refused. An index names files beside it; download it"
+                " again from the model's repository."
+            )
+        files.append(path)
+    absent = [f.name for f in files if not f.exists()]
+    if absent:
+        raise MissingFileError(
+            f"{index.name} lists weight files missing from {ckpt_dir}: {absent}. The"
+            " download is incomplete: download them too."
+        )
+    return [check_file(f, "weight file") for f in files]
 
 
 def read_hf_file(path: Path):
@@ -734,7 +860,10 @@ def read_hf_model(ckpt_dir: Path, tokenizer_path=None, **overrides):
         args = args_from_hf_config(
             config,
             **fit_context(
-                overrides, config.get("max_position_embeddings"), ckpt_dir.name
+                overrides,
+                config.get("max_position_embeddings"),
+                ckpt_dir.name,
+                "max_position_embeddings",
             ),
         )
     files = hf_weight_files(ckpt_dir)
@@ -747,6 +876,7 @@ def load_hf(ckpt_dir: Path, device, dtype, tokenizer_path=None, **overrides):
     """Model and tokenizer from a Hugging Face checkpoint directory (`config.json`,
     weights, `tokenizer.model`)."""
     args, tokenizer, files = read_hf_model(ckpt_dir, tokenizer_path, **overrides)
+    check_memory(args, device, dtype)
     with torch.device("meta"):
         model = Transformer(args)
     model = _assign(

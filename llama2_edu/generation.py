@@ -3,9 +3,14 @@
 # %% ../notebooks/09_generation.ipynb #2d5601bb
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import numbers
 import os
+import sys
+import time
+from collections.abc import Iterable
 from typing import Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
@@ -18,13 +23,21 @@ from llama2_edu.checkpoint import (
     load_checkpoint,
 )
 from .model import Transformer
-from .model_file import InputError, InputTypeError, ModelArgs, check_int
+from llama2_edu.model_file import (
+    CheckpointError,
+    InputError,
+    InputTypeError,
+    ModelArgs,
+    check_int,
+)
 from .tokenizer import Tokenizer
 
 # %% auto #0
-__all__ = ['Role', 'Dialog', 'B_INST', 'E_INST', 'B_SYS', 'E_SYS', 'SPECIAL_TAGS', 'UNSAFE_ERROR', 'sample_top_p', 'top_k_logits',
-           'check_sampling', 'sample_next', 'Message', 'CompletionPrediction', 'ChatPrediction', 'check_dialog',
-           'llama2_chat_tokens', 'render_chat_template', 'Llama', 'stream_text', 'load']
+__all__ = ['Role', 'Dialog', 'B_INST', 'E_INST', 'B_SYS', 'E_SYS', 'SPECIAL_TAGS', 'UNSAFE_ERROR', 'TEMPLATE_CHARS',
+           'TEMPLATE_MEMORY', 'TEMPLATE_SECONDS', 'sample_top_p', 'top_k_logits', 'check_sampling', 'check_seed',
+           'sample_next', 'Message', 'CompletionPrediction', 'ChatPrediction', 'check_dialog', 'llama2_chat_tokens',
+           'TemplateBoundError', 'template_environment', 'bounded', 'render_chat_template', 'Llama', 'stream_text',
+           'load']
 
 # %% ../notebooks/09_generation.ipynb #b5b6c304
 def sample_top_p(
@@ -59,6 +72,7 @@ def check_sampling(
     top_p: float,
     top_k: Optional[int] = None,
     max_gen_len: Optional[int] = None,
+    seed: Optional[int] = None,
 ):
     "Raise a ValueError naming the bad sampling parameter and its valid range."
     real = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool)
@@ -76,6 +90,17 @@ def check_sampling(
         check_int("top_k", top_k, minimum=0)  # 0 keeps every token
     if max_gen_len is not None:
         check_int("max_gen_len", max_gen_len, minimum=0)
+    if seed is not None:
+        check_seed(seed)
+
+
+def check_seed(seed) -> int:
+    "`seed` if torch's generators take it: an integer from 0 to 2**64 - 1."
+    if check_int("seed", seed, minimum=0) >= 2**64:
+        raise InputError(
+            f"seed={seed!r} is invalid: it must be an integer from 0 to 2**64 - 1."
+        )
+    return int(seed)
 
 
 def sample_next(
@@ -193,28 +218,158 @@ def llama2_chat_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
     return tokens
 
 
+# bounds on rendering a chat template, which comes with the model file, not from you
+TEMPLATE_CHARS = 1 << 24  # the longest string (and output) a template may build
+TEMPLATE_MEMORY = 1 << 28  # bytes it may allocate (where the OS enforces RLIMIT_AS)
+TEMPLATE_SECONDS = 5.0  # wall-clock time it may take
+
+
+class TemplateBoundError(Exception):
+    "A chat template went past one of the bounds above."
+
+
+@functools.lru_cache(maxsize=None)
+def template_environment():
+    """The Jinja environment chat templates run in, as transformers sets it up:
+    sandboxed and immutable (no attribute escapes, no changing the messages),
+    `trim_blocks`/`lstrip_blocks`, `{% break %}`/`{% continue %}`, `{% generation %}`
+    (its body rendered as is), `raise_exception` and `strftime_now`; and bounded:
+    `*`, `**` and `+` refuse a result above TEMPLATE_CHARS before computing it (the
+    sandbox already caps `range` at 100,000 items, with an OverflowError)."""
+    from datetime import datetime
+
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        "`{% generation %}...{% endgeneration %}`: the body, rendered in place."
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    def size(x):
+        return len(x) if isinstance(x, (str, list, tuple)) else 1
+
+    def sequence(x):
+        return isinstance(x, (str, list, tuple))
+
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "+"})
+
+        def call_binop(self, context, operator, left, right):
+            ints = [x for x in (left, right) if isinstance(x, int)]
+            if operator == "*" and ints and (sequence(left) or sequence(right)):
+                too_big = size(left) * size(right) * ints[0] > TEMPLATE_CHARS
+            elif operator == "**" and len(ints) == 2:
+                too_big = abs(left) > 1 and right * left.bit_length() > 64 * 1024
+            elif operator == "+":
+                too_big = size(left) + size(right) > TEMPLATE_CHARS
+            else:
+                too_big = False
+            if too_big:
+                raise TemplateBoundError(
+                    f"its {operator!r} would build a value of more than"
+                    f" {TEMPLATE_CHARS:,} characters (or a huge number)"
+                )
+            return super().call_binop(context, operator, left, right)
+
+    def raise_exception(message):
+        raise InputError(f"The chat template refused the dialog: {message}")
+
+    env = BoundedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, Generation]
+    )
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+@contextlib.contextmanager
+def bounded(seconds: float, memory: int):
+    """Run the block with a deadline, checked at every line of a template's compiled
+    code (a trace function on those frames only: a loop that prints nothing is stopped
+    too), and, where `resource` exists, at most `memory` more bytes of address space
+    (RLIMIT_AS, restored after: a runaway string ends in MemoryError, not in the
+    kernel's OOM killer)."""
+    deadline = time.monotonic() + seconds
+
+    def line(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise TemplateBoundError(f"it ran for more than {seconds:g} s")
+        return line
+
+    tracer = lambda frame, event, arg: (
+        line if frame.f_code.co_filename == "<template>" else None
+    )
+    previous_trace, limit = sys.gettrace(), None
+    try:
+        import resource
+
+        with open("/proc/self/statm") as f:  # pages of address space in use
+            in_use = int(f.read().split()[0]) * resource.getpagesize()
+        limit = resource.getrlimit(resource.RLIMIT_AS)
+        soft = in_use + memory
+        if limit[0] != resource.RLIM_INFINITY:
+            soft = min(soft, limit[0])
+        resource.setrlimit(resource.RLIMIT_AS, (soft, limit[1]))
+    except (ImportError, OSError, ValueError):
+        limit = None  # no RLIMIT_AS here: the other bounds still hold
+    sys.settrace(tracer)
+    try:
+        yield
+    finally:
+        sys.settrace(previous_trace)
+        if limit is not None:
+            resource.setrlimit(resource.RLIMIT_AS, limit)
+
+
 def render_chat_template(
     template: str,
     dialog: Dialog,
     bos_token: str = "",
     eos_token: str = "",
     add_generation_prompt: bool = True,
+    source: str = "the tokenizer",
 ) -> str:
     """Render a Jinja chat template (as stored in GGUF and Hugging Face tokenizers) for
-    `dialog`."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise InputError(f"The chat template refused the dialog: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(
-        messages=list(dialog),
-        bos_token=bos_token,
-        eos_token=eos_token,
-        add_generation_prompt=add_generation_prompt,
-    )
+    `dialog`, within the bounds above. Any failure, from a syntax error to a template
+    that loops for ever, is a CheckpointError naming `source` (the file it came from);
+    the template's own `raise_exception` is an InputError."""
+    text = []
+    try:
+        with bounded(TEMPLATE_SECONDS, TEMPLATE_MEMORY):
+            chunks = (
+                template_environment()
+                .from_string(template)
+                .generate(
+                    messages=list(dialog),
+                    bos_token=bos_token,
+                    eos_token=eos_token,
+                    add_generation_prompt=add_generation_prompt,
+                )
+            )
+            n = 0
+            for chunk in chunks:  # an output budget, counted as it is produced
+                n += len(chunk)
+                if n > TEMPLATE_CHARS:
+                    raise TemplateBoundError(
+                        f"it wrote more than {TEMPLATE_CHARS:,} characters"
+                    )
+                text.append(chunk)
+    except InputError:
+        raise
+    except Exception as e:  # TemplateError, RecursionError, MemoryError, ...
+        reason = "out of memory" if isinstance(e, MemoryError) else e
+        raise CheckpointError(
+            f"The chat template of {source} (tokenizer.chat_template) cannot be"
+            f" rendered: {type(e).__name__}: {reason}. Drop --chat (or call"
+            " text_completion) to continue plain text, or use a file with a working"
+            " template."
+        ) from None
+    return "".join(text)
 
 # %% ../notebooks/09_generation.ipynb #e11be870
 class Llama:
@@ -258,7 +413,8 @@ class Llama:
     def __init__(
         self, model: Transformer, tokenizer: Tokenizer, seed: Optional[int] = None
     ):
-        self.model, self.tokenizer, self.seed = model, tokenizer, seed
+        self.model, self.tokenizer = model, tokenizer
+        self.seed = None if seed is None else check_seed(seed)
         # created on the model's device on first use when `seed` is set
         self.generator = None
 
@@ -279,11 +435,14 @@ class Llama:
             self.generator = torch.Generator(self.device).manual_seed(self.seed)
         return self.generator
 
-    def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]]):
+    def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]]) -> List[List[int]]:
+        """The prompts as lists of ints (ids may be numpy integers or 0-d tensors), or
+        an error naming the first problem."""
         params = self.model.params
-        if isinstance(prompt_tokens, str) or any(
-            isinstance(t, (int, str)) for t in prompt_tokens
-        ):
+        one_id = lambda t: isinstance(t, (str, numbers.Integral)) or (
+            getattr(t, "ndim", None) == 0
+        )
+        if isinstance(prompt_tokens, str) or any(map(one_id, prompt_tokens)):
             raise InputTypeError(
                 "prompt_tokens must be a list of prompts, each a list of token ids:"
                 " write generate([ids])."
@@ -296,6 +455,7 @@ class Llama:
                 f" max_batch_size={params.max_batch_size}: pass fewer prompts at once,"
                 " or load the model with a larger max_batch_size."
             )
+        prompts = []
         for i, t in enumerate(prompt_tokens):
             if len(t) == 0:
                 raise InputError(
@@ -308,7 +468,9 @@ class Llama:
                     f" max_seq_len={params.max_seq_len}: shorten it, or load the model"
                     " with a larger max_seq_len."
                 )
-            self.tokenizer.check_ids(t)  # every id a row of the embedding
+            # every id a row of the embedding
+            prompts.append(self.tokenizer.check_ids(t))
+        return prompts
 
 # %% ../notebooks/09_generation.ipynb #a9c3e1d2
 def _batch(self: Llama, prompt_tokens: List[List[int]], max_gen_len: int):
@@ -425,8 +587,9 @@ def _generate(
     EOS or `max_gen_len` tokens
     (exactly `max_gen_len`, EOS included, with `ignore_eos=True`, as benchmarks want).
     """
-    self._check_prompts(prompt_tokens)
-    check_sampling(temperature, top_p, top_k, max_gen_len)
+    prompt_tokens = self._check_prompts(prompt_tokens)
+    max_gen_len = self.default_max_gen_len(max_gen_len)  # None: as for text_completion
+    check_sampling(temperature, top_p, top_k, max_gen_len, seed)
     eos_id = self.tokenizer.eos_id
     tokens, pad, prompt_end = self._batch(prompt_tokens, max_gen_len)
     token_logprobs = (
@@ -500,6 +663,7 @@ def _generate_all(
     """`generate` on any number of prompts: `max_batch_size` at a time (chunk k seeded
     with seed + k)."""
     size, seed = self.model.params.max_batch_size, kw.pop("seed", None)
+    seed = None if seed is None else check_seed(seed)  # before seed + k
     out_tokens, out_logprobs = [], []
     for k in range(0, max(len(prompt_tokens), 1), size):
         toks, probs = self.generate(
@@ -541,6 +705,7 @@ def _encode_dialog(self: Llama, dialog: Dialog) -> List[int]:
         check_dialog(dialog),
         bos_token=tok.id_to_piece(tok.bos_id),
         eos_token=tok.id_to_piece(tok.eos_id),
+        source=tok.source or "the tokenizer",
     )
     # the template writes the special tokens (<s>, <|im_start|>) as text
     return tok.encode_markup(text)
@@ -602,10 +767,11 @@ def _text_completion(
 ) -> List[CompletionPrediction]:
     """Meta's `text_completion`: continue each prompt (any number: `max_batch_size` at a
     time); one dict per prompt."""
-    if isinstance(prompts, str):
+    if isinstance(prompts, str) or not isinstance(prompts, Iterable):
         raise InputTypeError(
             "prompts must be a list of strings: write text_completion([prompt])."
         )
+    prompts = list(prompts)  # a generator is read once, here
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise InputTypeError(
@@ -640,9 +806,9 @@ def _chat_completion(
 ) -> List[ChatPrediction]:
     """Meta's `chat_completion`: the assistant's next message for each dialog (any
     number), in its chat format."""
-    if isinstance(dialogs, dict) or (
-        isinstance(dialogs, (list, tuple)) and dialogs and isinstance(dialogs[0], dict)
-    ):
+    if not isinstance(dialogs, (dict, str)) and isinstance(dialogs, Iterable):
+        dialogs = list(dialogs)  # a generator is read once, here
+    if not isinstance(dialogs, list) or (dialogs and isinstance(dialogs[0], dict)):
         raise InputTypeError(
             "dialogs must be a list of dialogs, each a list of messages: "
             "write chat_completion([dialog])."
@@ -678,8 +844,9 @@ def _generate_stream(
 ) -> Iterator[int]:
     """Yield the token ids `generate` would produce for one prompt, one at a time, as
     soon as each is sampled."""
-    self._check_prompts([prompt_tokens])
-    check_sampling(temperature, top_p, top_k, max_gen_len)
+    (prompt_tokens,) = self._check_prompts([prompt_tokens])
+    max_gen_len = self.default_max_gen_len(max_gen_len)
+    check_sampling(temperature, top_p, top_k, max_gen_len, seed)
     # (1, total_len), no padding
     tokens, pad, prompt_end = self._batch([prompt_tokens], max_gen_len)
     for _, cur_pos, _ in self._decode_steps(

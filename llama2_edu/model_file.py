@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import importlib.util
+import math
+import mmap
 import numbers
+import re
+import struct
 from pathlib import Path
 
 # torch imports it anyway; gguf is imported only where a GGUF file is read
@@ -30,10 +34,10 @@ def embedded_model_path() -> Path:
     return files[0]
 
 # %% auto #0
-__all__ = ['EMBEDDED_MODEL_PIP', 'GGUF_TO_META', 'GGUF_IGNORED', 'LLAMA2_ARGS', 'embedded_model_path', 'Llama2EduError',
-           'InputError', 'InputTypeError', 'ConfigError', 'CheckpointError', 'MissingFileError', 'DownloadError',
-           'check_int', 'open_gguf', 'gguf_metadata', 'meta_name', 'gguf_tensor', 'gguf_state_dict', 'ModelArgs',
-           'args_from_gguf']
+__all__ = ['EMBEDDED_MODEL_PIP', 'GGUF_SCALARS', 'GGUF_STRING', 'GGUF_ARRAY', 'GGUF_TO_META', 'GGUF_KEYS', 'LLAMA2_ARGS',
+           'embedded_model_path', 'Llama2EduError', 'InputError', 'InputTypeError', 'ConfigError', 'CheckpointError',
+           'MissingFileError', 'DownloadError', 'check_int', 'open_gguf', 'check_file', 'gguf_metadata', 'GGUFArray',
+           'gguf_header', 'meta_name', 'gguf_tensor', 'gguf_state_dict', 'ModelArgs', 'model_args', 'args_from_gguf']
 
 # %% ../notebooks/02_the_model_file.ipynb #d49b339e
 class Llama2EduError(Exception):
@@ -84,11 +88,13 @@ def open_gguf(path) -> "gguf.GGUFReader":
     """Open a GGUF file (memory-mapped: nothing is read until a tensor is used),
     checking that the header parses and that every tensor's data lies inside the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"No GGUF file at {path}: check the path.")
+    path = check_file(Path(path), "GGUF file")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key in _open_readers:  # one load opens each file once
+        return _open_readers[key]
     try:
-        return _checked_reader()(path)
+        reader = _checked_reader()(path)
     except Llama2EduError:
         raise
     # a damaged header: gguf fails with IndexError, ValueError, ...
@@ -97,6 +103,25 @@ def open_gguf(path) -> "gguf.GGUFReader":
             f"{path} is not a readable GGUF file ({type(e).__name__}: {e}): it is "
             "damaged or truncated; download it again."
         ) from e
+    _open_readers.clear()  # keep the last file's reader only
+    _open_readers[key] = reader
+    return reader
+
+
+_open_readers = {}
+
+
+def check_file(path: Path, what: str) -> Path:
+    """`path` if it is a regular file; else MissingFileError, or CheckpointError for a
+    directory, a FIFO or a device (reading a FIFO would wait for ever)."""
+    if not path.exists():
+        raise MissingFileError(f"No {what} at {path}: check the path.")
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} is not a regular file (a directory, a FIFO or a device): pass the"
+            f" {what} itself, as saved on disk."
+        )
+    return path
 
 
 def _checked_reader():
@@ -134,6 +159,94 @@ def gguf_metadata(reader: "gguf.GGUFReader") -> dict:
         if not name.startswith("GGUF.")
     }
 
+
+# GGUF metadata value types: struct format of the scalars; 8 is a string, 9 an array
+GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?"}
+GGUF_SCALARS.update({10: "Q", 11: "q", 12: "d"})
+GGUF_STRING, GGUF_ARRAY = 8, 9
+
+
+class GGUFArray:
+    "An array of the GGUF metadata, left unread: only its length is known."
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def __len__(self):
+        return self.length
+
+
+def gguf_header(path) -> tuple:
+    """`(metadata, shapes)` of a GGUF file, read from its header without its arrays
+    (each array is a `GGUFArray`) and without building a reader: the cheap look that
+    lets a loader refuse a file before parsing a vocabulary of a million pieces.
+    `shapes` maps each tensor name to its dimensions, in GGUF's order (fastest first).
+    """
+    path = check_file(Path(path), "GGUF file")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        try:
+            return _parse_header(m)
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(
+                f"{path} is not a readable GGUF file (its header: {e}): it is damaged"
+                " or truncated; download it again."
+            ) from None
+
+
+def _parse_header(m) -> tuple:
+    if m[:4] != b"GGUF":
+        raise ValueError("no GGUF magic")
+    # version 3 reads 3 in the file's byte order: little-endian, or big-endian
+    order = "<" if struct.unpack_from("<I", m, 4)[0] & 0xFFFF else ">"
+    pos = 8
+    n_tensors, n_kv = struct.unpack_from(order + "QQ", m, pos)
+    pos += 16
+
+    def scalar(fmt):
+        nonlocal pos
+        (value,) = struct.unpack_from(order + fmt, m, pos)
+        pos += struct.calcsize(fmt)
+        return value
+
+    def string():
+        nonlocal pos
+        n = scalar("Q")
+        if pos + n > len(m):
+            raise ValueError(
+                f"a string of {n:,} bytes at byte {pos:,} ends past the end"
+            )
+        pos += n
+        return bytes(m[pos - n : pos]).decode("utf-8")
+
+    def value(kind):
+        nonlocal pos
+        if kind in GGUF_SCALARS:
+            return scalar(GGUF_SCALARS[kind])
+        if kind == GGUF_STRING:
+            return string()
+        if kind != GGUF_ARRAY:
+            raise ValueError(f"unknown value type {kind}")
+        item, n = scalar("I"), scalar("Q")
+        if item in GGUF_SCALARS:  # skipped whole
+            pos += n * struct.calcsize(GGUF_SCALARS[item])
+        else:  # strings (or nested arrays): skipped one by one
+            for _ in range(n):
+                value(item)
+        if pos > len(m):
+            raise ValueError(f"an array of {n:,} items ends past the end")
+        return GGUFArray(n)
+
+    metadata = {}
+    for _ in range(n_kv):
+        key = string()
+        metadata[key] = value(scalar("I"))
+    shapes = {}
+    for _ in range(n_tensors):
+        name = string()
+        shapes[name] = [scalar("Q") for _ in range(scalar("I"))]
+        pos += 12  # its type and offset
+    return metadata, shapes
+
 # %% ../notebooks/02_the_model_file.ipynb #33df06fa
 GGUF_TO_META = {  # llama.cpp tensor name -> Meta's name ({i}: layer index)
     "token_embd.weight": "tok_embeddings.weight",
@@ -149,7 +262,6 @@ GGUF_TO_META = {  # llama.cpp tensor name -> Meta's name ({i}: layer index)
     "blk.{i}.ffn_down.weight": "layers.{i}.feed_forward.w2.weight",
     "blk.{i}.ffn_up.weight": "layers.{i}.feed_forward.w3.weight",
 }
-GGUF_IGNORED = {"rope_freqs.weight"}  # recomputed from rope_theta, never loaded
 
 
 def meta_name(gguf_name: str) -> str:
@@ -182,8 +294,7 @@ def gguf_state_dict(reader: "gguf.GGUFReader"):
     """Yield `(meta_name, float32 tensor)` for every weight of a Llama GGUF file, one
     tensor at a time."""
     for t in reader.tensors:
-        if t.name not in GGUF_IGNORED:
-            yield meta_name(t.name), gguf_tensor(t)
+        yield meta_name(t.name), gguf_tensor(t)
 
 # %% ../notebooks/02_the_model_file.ipynb #b7b585ea
 from dataclasses import dataclass
@@ -219,6 +330,7 @@ class ModelArgs:
             "n_layers",
             "n_heads",
             "n_kv_heads",
+            "multiple_of",
             "max_batch_size",
             "max_seq_len",
         ):
@@ -227,6 +339,23 @@ class ModelArgs:
             check_int("vocab_size", self.vocab_size, error=ConfigError)
         if self.ffn_hidden_dim is not None:
             check_int("ffn_hidden_dim", self.ffn_hidden_dim, error=ConfigError)
+        positive = dict(norm_eps=self.norm_eps, rope_theta=self.rope_theta)
+        if self.ffn_dim_multiplier is not None:
+            positive["ffn_dim_multiplier"] = self.ffn_dim_multiplier
+        for name, value in positive.items():
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Real)
+                or not (math.isfinite(value) and value > 0)
+            ):
+                raise ConfigError(
+                    f"{name}={value!r} is invalid: it must be a finite number > 0."
+                )
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(
+                f"tie_word_embeddings={self.tie_word_embeddings!r} is invalid: it must"
+                " be true or false."
+            )
         if self.dim % self.n_heads or self.dim // self.n_heads % 2:
             raise ConfigError(
                 f"dim={self.dim}, n_heads={self.n_heads}: dim must be a multiple of"
@@ -237,21 +366,51 @@ class ModelArgs:
                 f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}: n_heads must be"
                 " a multiple of n_kv_heads (each key/value head serves a group)."
             )
-        if not (self.norm_eps > 0 and self.rope_theta > 0):
-            raise ConfigError(
-                f"norm_eps={self.norm_eps!r}, rope_theta={self.rope_theta!r}: both must"
-                " be > 0."
-            )
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+
+def model_args(keys: dict, **values) -> ModelArgs:
+    """`ModelArgs(**values)`, its ConfigError naming each field by the file's own key
+    (`keys`: field -> key, e.g. `dim` -> `hidden_size`): the file's reader says which
+    key to fix, while ModelArgs keeps every rule."""
+    try:
+        return ModelArgs(**values)
+    except ConfigError as e:
+        message = str(e)
+        for field, key in keys.items():
+            message = re.sub(rf"\b{field}=", f"{key}=", message)
+        raise ConfigError(message) from None
+
 # %% ../notebooks/02_the_model_file.ipynb #c76fa9f9
-def args_from_gguf(reader: "gguf.GGUFReader", **overrides) -> ModelArgs:
-    """`ModelArgs` of a Llama-architecture GGUF file; `overrides` (e.g.
-    `max_seq_len=512`) win."""
-    metadata = gguf_metadata(reader)
+# ModelArgs field -> the GGUF key it comes from (without the `llama.` prefix)
+GGUF_KEYS = {
+    "dim": "embedding_length",
+    "n_layers": "block_count",
+    "n_heads": "attention.head_count",
+    "n_kv_heads": "attention.head_count_kv",
+    "vocab_size": "vocab_size",
+    "ffn_hidden_dim": "feed_forward_length",
+    "norm_eps": "attention.layer_norm_rms_epsilon",
+    "rope_theta": "rope.freq_base",
+    "max_seq_len": "context_length",
+}
+
+
+def args_from_gguf(source, **overrides) -> ModelArgs:
+    """`ModelArgs` of a Llama-architecture GGUF file: an open `gguf.GGUFReader`, or a
+    path or its `gguf_header` (then only the header is read); `overrides` (e.g.
+    `max_seq_len=512`) win. What Llama 2 does not use is refused, naming the key: other
+    architectures, RoPE scaling, partial rotary dimensions."""
+    if isinstance(source, (str, Path)):
+        source = gguf_header(source)
+    if isinstance(source, tuple):
+        metadata, shapes = source
+    else:
+        metadata = gguf_metadata(source)
+        shapes = {t.name: [int(d) for d in t.shape] for t in source.tensors}
     arch = metadata.get("general.architecture")
     if arch != "llama":
         raise ConfigError(
@@ -259,21 +418,58 @@ def args_from_gguf(reader: "gguf.GGUFReader", **overrides) -> ModelArgs:
             "(Llama 2 and the models built like it)."
         )
     p = lambda key, default=None: metadata.get(f"llama.{key}", default)
+    scaling = (p("rope.scaling.type"), p("rope.scaling.factor"))
+    if scaling[0] not in (None, "none") or scaling[1] not in (None, 0.0, 1.0):
+        raise ConfigError(
+            f"llama.rope.scaling.type={scaling[0]!r} (factor {scaling[1]}) asks for"
+            " RoPE scaling, which this book does not implement: it runs plain RoPE, as"
+            " Llama 2 does (Llama 3.1 and later stretch their context this way)."
+        )
+    if "rope_freqs.weight" in shapes:
+        raise ConfigError(
+            "the file carries rope_freqs.weight, per-frequency RoPE scaling factors"
+            " (Llama 3.1 and later), which this book does not implement: it runs plain"
+            " RoPE, as Llama 2 does."
+        )
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    rows = shapes.get("token_embd.weight", [None, None])[-1]
+    vocab_size = p("vocab_size") or rows or (len(tokens) if tokens else None)
+    if vocab_size is None:
+        raise CheckpointError(
+            "the file has neither llama.vocab_size nor tokenizer.ggml.tokens: its"
+            " vocabulary is missing (a damaged or incomplete conversion)."
+        )
+    if tokens is not None and len(tokens) != vocab_size:
+        raise CheckpointError(
+            f"tokenizer.ggml.tokens has {len(tokens):,} pieces but the model has"
+            f" {vocab_size:,} tokens (llama.vocab_size, token_embd.weight): the"
+            " vocabulary belongs to another model, or the file is damaged."
+        )
     n_heads = p("attention.head_count")
     args = dict(
         dim=p("embedding_length"),
         n_layers=p("block_count"),
         n_heads=n_heads,
         n_kv_heads=p("attention.head_count_kv", n_heads),
-        vocab_size=p("vocab_size") or len(metadata["tokenizer.ggml.tokens"]),
+        vocab_size=vocab_size,
         ffn_hidden_dim=p("feed_forward_length"),
         norm_eps=p("attention.layer_norm_rms_epsilon", 1e-5),
         rope_theta=p("rope.freq_base", 10000.0),
         max_seq_len=p("context_length", 2048),
-        tie_word_embeddings=bool(reader.tensors)  # weights but no output matrix: tied
-        and not any(t.name == "output.weight" for t in reader.tensors),
+        tie_word_embeddings=bool(shapes)  # weights but no output matrix: tied
+        and "output.weight" not in shapes,
     )
-    return ModelArgs(**{**args, **overrides})
+    keys = {field: f"llama.{key}" for field, key in GGUF_KEYS.items()}
+    args = model_args(keys, **{**args, **overrides})
+    rotated = p("rope.dimension_count", args.head_dim)
+    if rotated != args.head_dim:
+        raise ConfigError(
+            f"llama.rope.dimension_count={rotated!r}, but head_dim is {args.head_dim}:"
+            " this book rotates every coordinate of a head (partial RoPE is another"
+            " model's)."
+        )
+    return args
+
 
 # %% ../notebooks/02_the_model_file.ipynb #396db66c
 # Meta's params.json for Llama 2 (vocab_size from the tokenizer, context 4096)

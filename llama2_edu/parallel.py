@@ -33,7 +33,6 @@ from llama2_edu.checkpoint import (
 from .kv_cache import KVCache
 from .model import Transformer, ffn_hidden_dim
 from llama2_edu.model_file import (
-    GGUF_IGNORED,
     InputError,
     ModelArgs,
     gguf_tensor,
@@ -189,8 +188,6 @@ def gguf_rows(t, start: int, stop: int) -> torch.Tensor:
 def gguf_rank_state_dict(reader, rank: int, world_size: int, rows_per_step: int = 256):
     "Yield rank `rank`'s slice of a GGUF file, dequantizing only its own rows."
     for t in reader.tensors:
-        if t.name in GGUF_IGNORED:
-            continue
         name = meta_name(t.name)
         dim = meta_split_dim(name)
         if dim is None:

@@ -14,9 +14,20 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as GGML
 from torch import nn
 
-from .checkpoint import checkpoint_layout, default_device, supports_bf16
+from llama2_edu.checkpoint import (
+    about,
+    checkpoint_layout,
+    default_device,
+    supports_bf16,
+)
 from .model import FUSED
-from .model_file import embedded_model_path, gguf_tensor, meta_name, open_gguf
+from llama2_edu.model_file import (
+    args_from_gguf,
+    embedded_model_path,
+    gguf_tensor,
+    meta_name,
+    open_gguf,
+)
 
 # %% ../notebooks/11_making_it_fast.ipynb #24e56097
 def quantize_int8(w: torch.Tensor):
@@ -245,11 +256,7 @@ def quantize_model(
             f"quantize={mode!r} is not supported: use 'int8', 'int4', 'gguf' (a GGUF"
             " file's own precision) or None (plain nn.Linear layers)."
         )
-    tensors = (
-        {meta_name(t.name): t for t in reader.tensors if t.name != "rope_freqs.weight"}
-        if reader
-        else {}
-    )
+    tensors = {meta_name(t.name): t for t in reader.tensors} if reader else {}
     if mode == "gguf" and not tensors:
         raise ValueError(
             "quantize='gguf' keeps a GGUF file's own precision: pass the file's reader"
@@ -318,4 +325,8 @@ def load_plan(source, quantize="auto", device=None, dtype=None):
             f"quantize='gguf' keeps a GGUF file's own precision, but {source} is not a"
             " GGUF file: use quantize='int8' or 'int4'."
         )
-    return quantize, dtype, open_gguf(path) if path is not None else None
+    if path is None:
+        return quantize, dtype, None
+    with about(path):  # an unsupported file is refused from its header, first
+        args_from_gguf(path)
+    return quantize, dtype, open_gguf(path)  # read once: load_checkpoint reuses it

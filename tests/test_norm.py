@@ -6,9 +6,9 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from llama2_edu.model_file import gguf_state_dict
 from llama2_edu.norm import RMSNorm
+from llama2_edu.tokenizer import FRENCH_PROMPT
 
-PROMPT = ("Translate English to French:\n\nsea otter => loutre de mer\npeppermint => menthe poivrée\n"
-          "plush girafe => girafe peluche\ncheese =>")
+PROMPT = FRENCH_PROMPT  # the book's prompt (chapter 1)
 
 
 def _pair(dim, eps, ref_cls):

@@ -5,11 +5,10 @@ import gguf
 import pytest
 import sentencepiece as spm
 
-from llama2_edu.tokenizer import (BPETokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer, spm_model_proto,
+from llama2_edu.tokenizer import (FRENCH_PROMPT, BPETokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer, spm_model_proto,
                                   tokenizer_from_gguf)
 
-PROMPT = ("Translate English to French:\n\nsea otter => loutre de mer\npeppermint => menthe poivrée\n"
-          "plush girafe => girafe peluche\ncheese =>")
+PROMPT = FRENCH_PROMPT  # the book's prompt (chapter 1)
 
 STRINGS = [
     PROMPT, "", " ", "  ", "   ", "\n", "\n\n", "\n\n\n", "\t", " \t\n \r\n", "Hello world", " Hello world",

@@ -5,11 +5,10 @@ import torch
 from llama2_edu.model import FeedForward, Transformer, ffn_hidden_dim
 from llama2_edu.model_file import LLAMA2_ARGS, ModelArgs, args_from_gguf, gguf_state_dict
 from llama2_edu.rope import permute_to_hf
-from llama2_edu.tokenizer import tokenizer_from_gguf
+from llama2_edu.tokenizer import FRENCH_PROMPT, tokenizer_from_gguf
 
 PROMPTS = [
-    "Translate English to French:\n\nsea otter => loutre de mer\npeppermint => menthe poivrée\n"
-    "plush girafe => girafe peluche\ncheese =>",
+    FRENCH_PROMPT,
     "The capital of France is",
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
     "Once upon a time, in a small village,",

@@ -129,6 +129,7 @@ class RandomTokens:
 
     def check_ids(self, ids):
         assert all(0 <= i < self.vocab_size for i in ids), "token id out of range"
+        return list(ids)
 
 
 def prompt_ids(args):
@@ -178,7 +179,7 @@ def peak(device) -> str:
     if device.type == "cuda":
         return f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return f"peak RSS {rss / 2**10:.0f} MiB"
+    return f"peak RSS {rss / 2**20:.1f} GiB"
 
 
 def bf16_ok(device) -> bool:
@@ -346,7 +347,7 @@ def run_check(name, ctx) -> bool:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     status = "PASS" if ok else "FAIL"
-    print(f"{status} {name}: {what}, {rate:.1f} tok/s, {peak(device)}", flush=True)
+    print(f"{status} {name}: {what}, {rate:.0f} tok/s, {peak(device)}", flush=True)
     return ok
 
 

@@ -20,6 +20,7 @@ from llama2_edu.checkpoint import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_SEQ_LEN,
     check_device,
+    checkpoint_path,
     load_checkpoint,
 )
 from .model import Transformer
@@ -942,6 +943,9 @@ def load(
 
     # before anything looks at the device
     device = check_device(device) if device is not None else None
+    # resolved once, for the plan and the loader: a hub id is downloaded here, so a
+    # hub repository holding a .gguf file runs at the file's own precision too
+    source = checkpoint_path(source)
     mode, dtype, reader = load_plan(source, quantize, device, dtype)
     # under torchrun (chapter 12)
     parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -218,7 +218,7 @@ def llama2_chat_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
     )
     return tokens
 
-
+# %% ../notebooks/09_generation.ipynb #c4593a2b
 # bounds on rendering a chat template, which comes with the model file, not from you
 TEMPLATE_CHARS = 1 << 24  # the longest string (and output) a template may build
 TEMPLATE_MEMORY = 1 << 28  # bytes it may allocate (where the OS enforces RLIMIT_AS)

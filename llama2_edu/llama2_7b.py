@@ -5,6 +5,7 @@ __all__ = ['decode_rate']
 
 # %% ../notebooks/13_llama2_on_a_gpu.ipynb #fddb4703
 import time
+from typing import List
 
 import torch
 
@@ -19,10 +20,10 @@ def _timed_generate(llama, tokens, n) -> float:
     return time.perf_counter() - start
 
 
-def decode_rate(llama, prompt: str, n: int = 64) -> float:
-    """Greedy decoding speed in tokens/s, the prefill excluded: `n` tokens and one token
-    are generated after the same prompt, and (n - 1) is divided by the difference."""
-    tokens = llama.encode_prompt(prompt)
+def decode_rate(llama, tokens: List[int], n: int = 64) -> float:
+    """Greedy decoding speed in tokens/s after the prompt `tokens`, the prefill
+    excluded: `n` tokens and one token are generated after the same prompt, and (n - 1)
+    is divided by the difference."""
     _timed_generate(llama, tokens, 2)  # warm-up: the first call pays one-off costs
     one, many = _timed_generate(llama, tokens, 1), _timed_generate(llama, tokens, n)
     return (n - 1) / (many - one)

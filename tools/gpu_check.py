@@ -22,7 +22,7 @@ The checks, one function each:
   parallel  chapter 12's sharded model under NCCL, one GPU, a world of size 1
 
 Each prints one line, PASS, FAIL or SKIP, with what it verified, its greedy decoding
-rate (batch 1, an 8-token prompt, 32 new tokens, prefill included) and its peak GPU
+rate (batch 1, an 8-token prompt, 32 new tokens, prefill excluded) and its peak GPU
 memory.
 The exit status is 1 if any check failed. A 16 GB T4 holds every check it can run (fp16
 7B is 12.6 GiB); the whole run takes a few minutes.
@@ -154,19 +154,13 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def decode_rate(model, ids, n_tokens, device) -> float:
-    """Tokens/s of greedy decoding with Llama.generate, batch 1: one warm-up run (it
-    pays for allocation and compilation), then one timed run."""
+def decode_rate(model, ids, n_tokens) -> float:
+    """Tokens/s of greedy decoding with Llama.generate, batch 1, the prefill excluded:
+    chapter 13's decode_rate (a warm-up run pays for allocation and compilation)."""
     from llama2_edu.generation import Llama
+    from llama2_edu.llama2_7b import decode_rate as rate
 
-    llama = Llama(model, RandomTokens(model.params.vocab_size))
-    run = lambda: llama.generate([ids], n_tokens, temperature=0, ignore_eos=True)
-    run()
-    sync(device)
-    start = time.perf_counter()
-    run()
-    sync(device)
-    return n_tokens / (time.perf_counter() - start)
+    return rate(Llama(model, RandomTokens(model.params.vocab_size)), ids, n_tokens)
 
 
 def reset_peak(device):
@@ -212,7 +206,7 @@ def check_fp16(ctx):
     ref = logits_of(model, ctx["ids"], ctx["device"])
     ok = bool(torch.isfinite(ref).all())
     ctx["reference"] = ref  # the other checks compare with these logits
-    rate = decode_rate(model, ctx["ids"], ctx["tokens"], ctx["device"])
+    rate = decode_rate(model, ctx["ids"], ctx["tokens"])
     return ok, "logits finite" if ok else "non-finite logits", rate
 
 
@@ -222,7 +216,7 @@ def check_bf16(ctx):
     model = build(ctx["args"], ctx["device"]).to(torch.bfloat16)  # the fp16 weights
     ok, what = close("bf16", logits_of(model, ctx["ids"], ctx["device"]),
                      ctx["reference"])
-    return ok, what, decode_rate(model, ctx["ids"], ctx["tokens"], ctx["device"])
+    return ok, what, decode_rate(model, ctx["ids"], ctx["tokens"])
 
 
 def quantized(ctx, mode, dtype):
@@ -242,7 +236,7 @@ def check_int8(ctx):
     path = "_weight_int8pack_mm" if layer.on_cpu else "forward_fused"
     ok, what = close("int8", logits_of(model, ctx["ids"], ctx["device"]),
                      ctx["reference"])
-    rate = decode_rate(model, ctx["ids"], ctx["tokens"], ctx["device"])
+    rate = decode_rate(model, ctx["ids"], ctx["tokens"])
     return ok, f"{path} {'bf16' if dtype == torch.bfloat16 else 'fp16'}, {what}", rate
 
 
@@ -256,7 +250,7 @@ def check_int4(ctx):
     assert isinstance(layer, Int4Linear)
     ok, what = close("int4", logits_of(model, ctx["ids"], ctx["device"]),
                      ctx["reference"])
-    rate = decode_rate(model, ctx["ids"], ctx["tokens"], ctx["device"])
+    rate = decode_rate(model, ctx["ids"], ctx["tokens"])
     return ok, f"{layer.mm.__name__}, {what}", rate
 
 
@@ -285,7 +279,7 @@ def check_compile(ctx):
     verdict = "<" if ok else ">="
     what = f"{ctx['backend']} {seconds:.0f} s, error {err:.3g} {verdict} {tol:g}"
     try:
-        return ok, what, decode_rate(model, ids, ctx["tokens"], device)
+        return ok, what, decode_rate(model, ids, ctx["tokens"])
     finally:
         torch._dynamo.reset()  # the compiled code lets go of the model's weights
 
@@ -312,7 +306,7 @@ def check_parallel(ctx):
     reduced = x.tolist() == [0.0, 1.0, 2.0, 3.0]
     model = build(ctx["args"], device, torch.float16, shard=True)
     ok, what = close("parallel", logits_of(model, ctx["ids"], device), ctx["reference"])
-    rate = decode_rate(model, ctx["ids"], ctx["tokens"], device)
+    rate = decode_rate(model, ctx["ids"], ctx["tokens"])
     what = f"{dist.get_backend()}, all-reduce {'ok' if reduced else 'wrong'}, {what}"
     return ok and reduced, what, rate
 
@@ -369,7 +363,7 @@ def main(argv=None) -> int:
     print(f"random weights: dim {args.dim}, {args.n_layers} layers, {args.n_heads} "
           f"heads ({args.n_kv_heads} KV), vocab {args.vocab_size}")
     print(f"decoding: greedy, batch 1, an {PROMPT_LEN}-token prompt, {opts.tokens} new "
-          "tokens, prefill included")
+          "tokens, prefill excluded")
     print("errors: of the logits, relative to the fp16 model's (compile: to eager's)")
     backend = opts.compile_backend or (
         "inductor" if device.type == "cuda" else "aot_eager"

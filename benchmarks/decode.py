@@ -1,4 +1,4 @@
-"""Decoding speed of llama2_edu against transformers and llama.cpp on the embedded model (chapter 11).
+"""Decoding speed of llama2_edu against transformers and llama.cpp on the embedded model (chapter 10).
 
     python benchmarks/decode.py                                  # about 15 minutes on 2 CPU cores
     python benchmarks/decode.py --llama-bench /path/to/llama-bench --threads 2 --runs 5
@@ -10,7 +10,7 @@
 
 One process, one prompt, one thread count; the contenders are interleaved (round r runs every contender once) and
 each figure is the median over the rounds. Writes benchmarks/results/decode.json and the plots next to it, which
-chapter 11 reads. A script, not a test: it asserts nothing about speed.
+chapter 10 reads. A script, not a test: it asserts nothing about speed.
 """
 import argparse
 import gc
@@ -256,7 +256,7 @@ def main(argv=None):
 
     print("loading ...", flush=True)
     t = time.perf_counter()
-    plain = load(device="cpu", dtype=torch.float32)            # the fp32 nn.Linear model of chapters 7-10
+    plain = load(device="cpu", dtype=torch.float32)            # the fp32 nn.Linear model of chapters 7-12
     ours = [Ours("llama2_edu fp32", "fp32", plain),
             Ours("llama2_edu bf16", "bf16", load(device="cpu", dtype=torch.bfloat16)),
             Ours("llama2_edu int8", "int8", load(device="cpu", quantize="int8")),

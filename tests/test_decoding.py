@@ -1,4 +1,4 @@
-"""The decoding levers of chapter 11 that change no number: the KV cache in attention's layout (HeadsFirstKVCache)
+"""The decoding levers of chapter 10 that change no number: the KV cache in attention's layout (HeadsFirstKVCache)
 against Meta's, and the compiled decoding step (compile_decoding) against the eager one."""
 import pytest
 import torch

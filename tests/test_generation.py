@@ -297,7 +297,7 @@ def test_errors(llama):
             list(llama.stream("a", **{"max_gen_len": 4, **kw}))
 
 
-# --- the fast generation loop (chapter 11): one-pass ragged prefill, last-position logits, chunks, ignore_eos ----
+# --- the fast generation loop (chapter 10): one-pass ragged prefill, last-position logits, chunks, ignore_eos ----
 
 class CountingModel:
     "A model that counts its forward passes (and the positions they read) and otherwise is `model`."

@@ -1,4 +1,4 @@
-"""Quantized weights (chapter 11): int8/int4 layers against a dequantized reference matmul, GGUF's Q4_0/Q4_1 blocks
+"""Quantized weights (chapter 10): int8/int4 layers against a dequantized reference matmul, GGUF's Q4_0/Q4_1 blocks
 mapped exactly onto the int4 layout, load()'s precision choices, and the fast path against the plain fp32 path."""
 from types import SimpleNamespace
 

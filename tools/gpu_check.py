@@ -16,10 +16,10 @@ The checks, one function each:
 
   fp16      the plain model in fp16: finite logits; they are the reference below
   bf16      the same weights in bf16 (GPUs of compute capability 8.0+ only)
-  int8      Int8Linear, whose CUDA forward is forward_fused (chapter 11)
+  int8      Int8Linear, whose CUDA forward is forward_fused (chapter 10)
   int4      Int4Linear on CUDA's int4 kernel (bf16 GPUs only; a T4 gets int8)
   compile   compile_decoding, the decoding step compiled (load(compile=True))
-  parallel  chapter 12's sharded model under NCCL, one GPU, a world of size 1
+  parallel  chapter 11's sharded model under NCCL, one GPU, a world of size 1
 
 Each prints one line, PASS, FAIL or SKIP, with what it verified, its greedy decoding
 rate (batch 1, an 8-token prompt, 32 new tokens, prefill excluded) and its peak GPU
@@ -117,7 +117,7 @@ def build(args, device, dtype=torch.float16, shard=False):
 
             model = shard_model(model, dist.get_rank(), dist.get_world_size())
     model = fill_random(model.to(dtype).to_empty(device=device))
-    # load()'s cache: attention's layout, fp32 on the CPU (chapter 11)
+    # load()'s cache: attention's layout, fp32 on the CPU (chapter 10)
     return use_heads_first_cache(model, torch.float32 if device.type == "cpu" else None)
 
 
@@ -259,7 +259,7 @@ def check_compile(ctx):
     compiled decoding rate (its warm-up run pays for the compilation, timed apart)."""
     from llama2_edu.model import compile_decoding
 
-    # RoPE's complex arithmetic stays in eager kernels (chapter 11 says why)
+    # RoPE's complex arithmetic stays in eager kernels (chapter 10 says why)
     warnings.filterwarnings("ignore", "Torchinductor does not support code generation")
     device, ids = ctx["device"], ctx["ids"]
     model = build(ctx["args"], device, half(device))

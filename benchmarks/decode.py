@@ -28,7 +28,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from llama2_edu.generation import Llama, load  # noqa: E402
+from llama2_edu.program import Llama, load  # noqa: E402
 from llama2_edu.model_file import embedded_model_path  # noqa: E402
 from llama2_edu.tokenizer import FRENCH_PROMPT  # noqa: E402
 
@@ -208,7 +208,7 @@ def kv_dtype(a, context=400, calls=200):
     """One layer's attention call at decoding shape, bf16 vs fp32, and the default model's decode rate after a
     `context`-token prompt with a bf16 and with an fp32 cache, interleaved."""
     from llama2_edu.attention import attention
-    from llama2_edu.kv_cache import use_heads_first_cache
+    from llama2_edu.quantize import use_heads_first_cache
     llama = load(device="cpu")
     args = llama.args
     out = dict(context=context, runs=a.runs)

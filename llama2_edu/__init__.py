@@ -10,7 +10,7 @@ _EXPORTS = {  # name -> the module that defines it
     "Tokenizer": "tokenizer", "SentencePieceTokenizer": "tokenizer", "BPETokenizer": "tokenizer",
     "load_tokenizer": "tokenizer", "fetch_llama2_vocab": "tokenizer",
     "load_checkpoint": "checkpoint", "default_device": "checkpoint", "default_dtype": "checkpoint",
-    "Llama": "generation", "load": "generation", "sample_top_p": "generation",
+    "Llama": "program", "load": "program", "sample_top_p": "generation",
 }
 __all__ = list(_EXPORTS)
 

@@ -36,7 +36,7 @@ def attention(
             f"pass mask=causal_mask({seqlen}, start_pos={cache_len - seqlen})."
         )
     output = F.scaled_dot_product_attention(
-        # a cache may keep another precision than the queries' (chapter 11): use it
+        # a cache may keep keys and values in another precision: compute in theirs
         xq.to(keys.dtype),
         keys,
         values,

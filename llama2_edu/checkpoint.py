@@ -993,17 +993,6 @@ def load_checkpoint(
     dtype = check_dtype(device, dtype if dtype is not None else default_dtype(device))
     sizes = check_sizes(max_seq_len, max_batch_size)
     path = checkpoint_path(source)
-    # started by torchrun: each process loads its slice (chapter 12)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from llama2_edu.parallel import load_sharded
-
-        return load_sharded(
-            path,
-            device,
-            dtype,
-            tokenizer_path,
-            **{**sizes, "max_seq_len": sizes["max_seq_len"] or DEFAULT_MAX_SEQ_LEN},
-        )
     if source is None:
         return load_gguf(path, device, dtype, tokenizer_path, **sizes)
     layout = checkpoint_layout(path)

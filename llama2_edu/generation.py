@@ -16,13 +16,7 @@ from typing import Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict
 import torch
 import torch.nn.functional as F
 
-from llama2_edu.checkpoint import (
-    DEFAULT_MAX_BATCH_SIZE,
-    DEFAULT_MAX_SEQ_LEN,
-    check_device,
-    checkpoint_path,
-    load_checkpoint,
-)
+from .checkpoint import DEFAULT_MAX_BATCH_SIZE, load_checkpoint
 from .model import Transformer
 from llama2_edu.model_file import (
     CheckpointError,
@@ -37,8 +31,7 @@ from .tokenizer import Tokenizer
 __all__ = ['Role', 'Dialog', 'B_INST', 'E_INST', 'B_SYS', 'E_SYS', 'SPECIAL_TAGS', 'UNSAFE_ERROR', 'TEMPLATE_CHARS',
            'TEMPLATE_MEMORY', 'TEMPLATE_SECONDS', 'sample_top_p', 'top_k_logits', 'check_sampling', 'check_seed',
            'sample_next', 'Message', 'CompletionPrediction', 'ChatPrediction', 'check_dialog', 'llama2_chat_tokens',
-           'TemplateBoundError', 'template_environment', 'bounded', 'render_chat_template', 'Llama', 'stream_text',
-           'load']
+           'TemplateBoundError', 'template_environment', 'bounded', 'render_chat_template', 'Llama', 'stream_text']
 
 # %% ../notebooks/09_generation.ipynb #b5b6c304
 def sample_top_p(
@@ -389,17 +382,18 @@ class Llama:
         device=None,
         dtype=None,
     ) -> "Llama":
-        """Meta's `Llama.build`: load a checkpoint (any source `load` accepts). Started
-        by torchrun, each process loads its slice (chapter 12) and
-        `model_parallel_size`, if given, must be the number of processes; else shards
-        are merged onto one device and it is ignored. `seed` seeds this object's own
-        random generator, alike on every rank (Meta seeds torch's global one)."""
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size > 1 and model_parallel_size not in (None, world_size):
+        """Meta's `Llama.build`: the model and tokenizer of `load_checkpoint` (any
+        source it accepts), whole, in this process; Meta's shards are merged, so
+        `model_parallel_size` may be None or 1. `seed` seeds this object's own random
+        generator (Meta seeds torch's global one)."""
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or model_parallel_size not in (
+            None,
+            1,
+        ):
             raise InputError(
-                f"model_parallel_size={model_parallel_size}, but torchrun started"
-                f" {world_size} processes: pass model_parallel_size={world_size}, or"
-                " leave it out."
+                "This Llama.build holds the whole model in one process: under torchrun,"
+                " use llama2_edu.Llama.build or llama2_edu.load, which load each"
+                " process's slice."
             )
         model, tokenizer = load_checkpoint(
             ckpt_dir,
@@ -499,7 +493,7 @@ def _prefill(self: Llama, tokens, pad, prompt_end, all_logits=False):
     (bsz, prompt_end, vocab_size), or (bsz, 1, vocab_size) of the last position only
     unless `all_logits`. One forward pass over the batch, except for prompts of
     different lengths when only the last logits are needed: then one pass per prompt
-    over its own tokens, so that padding costs nothing (chapter 11)."""
+    over its own tokens, so that padding costs nothing (chapter 10)."""
     if pad is None or all_logits:
         return self.model.forward(
             tokens[:, :prompt_end],
@@ -913,75 +907,3 @@ def _stream(
 
 
 Llama.stream = _stream
-
-# %% ../notebooks/09_generation.ipynb #6904470f
-def load(
-    source=None,
-    *,
-    tokenizer_path=None,
-    device=None,
-    dtype=None,
-    max_seq_len: Optional[int] = None,
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-    seed: Optional[int] = None,
-    quantize="auto",
-    compile: bool = False,
-    fuse: bool = False,
-) -> Llama:
-    """Load a model ready to generate: `source` None is the embedded SmolLM2-135M; else
-    a Meta or Hugging Face checkpoint directory, a `.gguf` file or a Hugging Face hub
-    id. Device and dtype default to the best available. `quantize` (chapter 11): 'auto'
-    runs a GGUF file at its own precision and other checkpoints in bf16, unless `dtype`
-    is given (then: plain layers in that dtype); 'int8' or 'int4' quantizes the weights;
-    None: plain layers. `compile`: compile the decoding step with torch.compile (chapter
-    11; the first step then waits for the compiler). `fuse`: fused projections (chapter
-    11)."""
-    # chapter 11
-    from llama2_edu.kv_cache import use_heads_first_cache
-    from llama2_edu.model import compile_decoding, fuse_projections
-    from llama2_edu.quantize import load_plan, quantize_model
-
-    # before anything looks at the device
-    device = check_device(device) if device is not None else None
-    # resolved once, for the plan and the loader: a hub id is downloaded here, so a
-    # hub repository holding a .gguf file runs at the file's own precision too
-    source = checkpoint_path(source)
-    mode, dtype, reader = load_plan(source, quantize, device, dtype)
-    # under torchrun (chapter 12)
-    parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if parallel and compile:
-        raise InputError(
-            "compile=True is not combined with tensor parallelism (torchrun): leave it"
-            " out, and each process decodes eagerly."
-        )
-    if parallel and fuse:
-        raise InputError(
-            "fuse=True is not combined with tensor parallelism (torchrun): leave it"
-            " out, and each process keeps its slices of wq, wk, wv, w1 and w3."
-        )
-    if mode is not None and parallel:
-        if quantize != "auto":
-            raise InputError(
-                f"quantize={quantize!r} is not combined with tensor parallelism"
-                " (torchrun): pass quantize=None, and each process loads its slice in"
-                " plain layers."
-            )
-        mode, reader = None, None  # a GGUF file's slices are dequantized to `dtype`
-    model, tokenizer = load_checkpoint(
-        source,
-        tokenizer_path=tokenizer_path,
-        device=device,
-        dtype=dtype,
-        max_seq_len=max_seq_len,
-        max_batch_size=max_batch_size,
-    )
-    if fuse:  # before quantizing: the fused matrices take their parts' blocks
-        fuse_projections(model)
-    if mode is not None:
-        quantize_model(model, mode, reader, dtype=dtype)
-    # the same values in attention's order; on the CPU in fp32, which attends faster
-    on_cpu = model.tok_embeddings.weight.device.type == "cpu"
-    use_heads_first_cache(model, torch.float32 if on_cpu else None)
-    if compile:
-        compile_decoding(model)
-    return Llama(model, tokenizer, seed=seed)

@@ -29,7 +29,7 @@ PROMPT = "The capital of France is"
 
 def main_in_process(*args, capsys):
     "`python -m llama2_edu ARGS` in this process (for the many option checks): exit code, stdout, stderr."
-    from llama2_edu.__main__ import main
+    from llama2_edu.program import main
     try:
         rc = main(list(args))
     except SystemExit as e:  # argparse

@@ -325,14 +325,14 @@ def test_gguf_of_another_architecture_is_refused_from_the_header(tmp_path):
     writer.add_token_list([f"t{i}" for i in range(200_000)])
     writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file()
     writer.close()
-    from llama2_edu.generation import load
+    from llama2_edu.program import load
     with pytest.raises(ConfigError, match="gemma3.gguf: Unsupported GGUF architecture 'gemma3'"):
         load(path, device="cpu")
 
 
 def test_gguf_is_opened_once_per_load(tiny, monkeypatch):
     import llama2_edu.model_file as model_file
-    from llama2_edu.generation import load
+    from llama2_edu.program import load
     opened = []
     reader = model_file._checked_reader()
     monkeypatch.setattr(model_file, "_checked_reader", lambda: lambda path: opened.append(path) or reader(path))
@@ -352,7 +352,7 @@ def test_cli_huge_cache_without_context_length(tiny, tmp_path):
 
 
 def test_api_huge_batch_is_refused_before_allocating():
-    from llama2_edu.generation import load
+    from llama2_edu.program import load
     with pytest.raises(InputError, match=r"max_batch_size=100000 x max_seq_len=512 positions needs [\d,.]+ GB"):
         load(device="cpu", max_batch_size=100000)
 
@@ -452,7 +452,7 @@ def test_cli_closed_streams():
 
 
 def test_file_reads_fifos_with_a_limit(tmp_path, monkeypatch):
-    import llama2_edu.__main__ as cli_main
+    import llama2_edu.program as cli_main
     fifo = tmp_path / "prompt.fifo"
     os.mkfifo(fifo)
     parser = cli_main.build_parser()

@@ -21,7 +21,7 @@ def run(*args, input=None):
 @pytest.fixture(scope="module")
 def expected():
     "The greedy completion of PROMPT, computed in this process with the library's default load() (the CLI's)."
-    from llama2_edu.generation import load
+    from llama2_edu.program import load
     llama = load(device="cpu", max_batch_size=1)
     return llama.text_completion([PROMPT], temperature=0, max_gen_len=6)[0]["generation"]
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from llama2_edu.generation import Llama, load
-from llama2_edu.kv_cache import HeadsFirstKVCache, KVCache, use_heads_first_cache
-from llama2_edu.model import Transformer, compile_decoding
+from llama2_edu.program import Llama, load
+from llama2_edu.kv_cache import KVCache
+from llama2_edu.quantize import HeadsFirstKVCache, compile_decoding, use_heads_first_cache
+from llama2_edu.model import Transformer
 from llama2_edu.model_file import InputError
 
 from checkpoints import random_state_dict, tiny_args

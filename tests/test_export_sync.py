@@ -4,7 +4,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HANDWRITTEN = {"__init__.py"}  # the package's front door: the only module nbdev does not generate
+HANDWRITTEN = {"__init__.py", "__main__.py"}  # the front door and `python -m`: the modules nbdev does not generate
 
 
 def export_into_copy(tmp_path: Path) -> Path:

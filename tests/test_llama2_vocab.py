@@ -80,7 +80,7 @@ def test_tiny_gguf_checkpoint_with_llama2_vocab(vocab_path, tmp_path):
     "A tiny random Llama written by gguf's writer with Llama 2's vocabulary loads through load() and generates."
     pytest.importorskip("llama2_edu.generation")
     from checkpoints import random_state_dict, tiny_args, write_gguf
-    from llama2_edu.generation import load
+    from llama2_edu.program import load
     args = tiny_args(vocab_size=32000)
     path = write_gguf(tmp_path / "tiny-llama2-vocab.gguf", random_state_dict(args), args,
                       vocab_path.with_name("tokenizer.model"))

@@ -106,7 +106,7 @@ def fill_random(model, seed: int = SEED):
 def build(args, device, dtype=torch.float16, shard=False):
     """`Transformer(args)` on the meta device, storage on `device` in `dtype`, random
     weights; `shard`: first cut as rank 0 of the current process group."""
-    from llama2_edu.kv_cache import use_heads_first_cache
+    from llama2_edu.quantize import use_heads_first_cache
     from llama2_edu.model import Transformer
     from llama2_edu.parallel import shard_model
 
@@ -257,7 +257,7 @@ def check_int4(ctx):
 def check_compile(ctx):
     """The decoding step's logits, eager and compiled, after the same prefill; then the
     compiled decoding rate (its warm-up run pays for the compilation, timed apart)."""
-    from llama2_edu.model import compile_decoding
+    from llama2_edu.quantize import compile_decoding
 
     # RoPE's complex arithmetic stays in eager kernels (chapter 10 says why)
     warnings.filterwarnings("ignore", "Torchinductor does not support code generation")

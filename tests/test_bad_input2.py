@@ -331,12 +331,12 @@ def test_gguf_of_another_architecture_is_refused_from_the_header(tmp_path):
 
 
 def test_gguf_is_opened_once_per_load(tiny, monkeypatch):
-    import llama2_edu.model_file as model_file
+    import llama2_edu.tokenizer as tokenizer  # open_gguf's module (chapter 1)
     from llama2_edu.program import load
     opened = []
-    reader = model_file._checked_reader()
-    monkeypatch.setattr(model_file, "_checked_reader", lambda: lambda path: opened.append(path) or reader(path))
-    model_file._open_readers.clear()
+    reader = tokenizer._checked_reader()
+    monkeypatch.setattr(tokenizer, "_checked_reader", lambda: lambda path: opened.append(path) or reader(path))
+    tokenizer._open_readers.clear()
     load(tiny["gguf"], device="cpu", max_seq_len=32, max_batch_size=1)  # quantize='auto': GGUF blocks kept
     assert len(opened) == 1, opened
 

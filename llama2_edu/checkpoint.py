@@ -284,7 +284,7 @@ def _assign(model: Transformer, tensors, device, dtype, desc: str, source=None):
     model.load_state_dict(state_dict, assign=True)
     return model.requires_grad_(False).eval()
 
-
+# %% ../notebooks/08_loading_weights.ipynb #a0d838d1
 def check_gguf_types(reader):
     """Every tensor of the GGUF file must be a type `gguf` can dequantize (F32, F16,
     BF16, Q4_0 ... Q8_0, the K- and I-quants)."""
@@ -364,6 +364,7 @@ def read_gguf_model(path, tokenizer_path=None, **overrides):
     check_tokenizer(tokenizer, args, path)  # before any weight is read
     return args, tokenizer, reader
 
+# %% ../notebooks/08_loading_weights.ipynb #f034067f
 def load_gguf(path, device, dtype, tokenizer_path=None, **overrides):
     """Model and tokenizer (from the same file unless `tokenizer_path`) of a GGUF file,
     dequantized tensor by tensor."""
@@ -614,6 +615,7 @@ def read_meta_model(ckpt_dir: Path, tokenizer_path=None, **overrides):
     check_shards(args, paths)
     return args, tokenizer, paths
 
+# %% ../notebooks/08_loading_weights.ipynb #0ac069c9
 def load_meta(ckpt_dir: Path, device, dtype, tokenizer_path=None, **overrides):
     """Model and tokenizer from Meta's `params.json` + `consolidated.NN.pth` +
     `tokenizer.model`."""
@@ -676,7 +678,7 @@ HF_CONFIG_KEYS = {
     "tie_word_embeddings": "tie_word_embeddings",
 }
 
-
+# %% ../notebooks/08_loading_weights.ipynb #a8f63e89
 def args_from_hf_config(config: dict, **overrides) -> ModelArgs:
     """`ModelArgs` from a Hugging Face `config.json` (LlamaForCausalLM). What Llama 2
     does not use is refused, naming the key: RoPE scaling (with or without a type),
@@ -830,7 +832,7 @@ def read_hf_file(path: Path):
             state_dict = open_shard(path)
         yield from state_dict.items()
 
-
+# %% ../notebooks/08_loading_weights.ipynb #9146327d
 def permute_from_hf_in_place(w: torch.Tensor, n_heads: int):
     """`permute_from_hf` written back into `w`, one head's rows at a time: the only
     extra memory is one head."""
@@ -852,7 +854,7 @@ def hf_state_dict(files, args: ModelArgs):
                 permute_from_hf_in_place(w, args.n_kv_heads)
             yield name, w
 
-
+# %% ../notebooks/08_loading_weights.ipynb #7129b0ec
 def read_hf_model(ckpt_dir: Path, tokenizer_path=None, **overrides):
     """A Hugging Face checkpoint read up to its weights, every check done: `(args,
     tokenizer, weight files)`."""
@@ -873,6 +875,7 @@ def read_hf_model(ckpt_dir: Path, tokenizer_path=None, **overrides):
     )
     return args, tokenizer, files
 
+# %% ../notebooks/08_loading_weights.ipynb #f24adff2
 def load_hf(ckpt_dir: Path, device, dtype, tokenizer_path=None, **overrides):
     """Model and tokenizer from a Hugging Face checkpoint directory (`config.json`,
     weights, `tokenizer.model`)."""
@@ -977,7 +980,7 @@ def checkpoint_path(source) -> Path:
     except DownloadError as e:
         raise DownloadError(f"{missing}; as a hub id it failed too: {e}") from e
 
-
+# %% ../notebooks/08_loading_weights.ipynb #15a48a9b
 def load_checkpoint(
     source=None,
     *,

@@ -96,7 +96,7 @@ def check_seed(seed) -> int:
         )
     return int(seed)
 
-
+# %% ../notebooks/09_generation.ipynb #fee30568
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 0.6,
@@ -137,12 +137,13 @@ class ChatPrediction(TypedDict, total=False):
 
 Dialog = List[Message]
 
+# %% ../notebooks/09_generation.ipynb #c259a7be
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
 UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 
-
+# %% ../notebooks/09_generation.ipynb #57da6ceb
 def check_dialog(dialog: Dialog) -> Dialog:
     """Raise an error naming the problem unless `dialog` is a list of messages
     [system?], user, assistant, ..., user."""
@@ -184,7 +185,7 @@ def check_dialog(dialog: Dialog) -> Dialog:
         )
     return dialog
 
-
+# %% ../notebooks/09_generation.ipynb #4c954ef9
 def llama2_chat_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
     """Meta's Llama 2 chat prompt, per turn:
     `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>`."""

@@ -451,7 +451,9 @@ def compile_decoding(model, **options):
     return model
 
 # %% ../notebooks/10_making_it_fast.ipynb #7531857f
-def apply_levers(model, mode=None, reader=None, dtype=None, *, fuse=False, compile=False):
+def apply_levers(
+    model, mode=None, reader=None, dtype=None, *, fuse=False, compile=False
+):
     """This chapter's levers on a built Transformer, in place and in order: fused
     projections (`fuse`), weight-only quantization (`mode`, `reader` and `dtype` as
     `load_plan` returns them; None: plain layers), the cache in attention's layout

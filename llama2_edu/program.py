@@ -472,6 +472,7 @@ def check_options(args):
     )
 
 
+# %% ../notebooks/12_the_program.ipynb #2599c5c8
 def generate(args, prompt: str, stream: bool):
     "Load the model and print the completion (or, with --chat, the answer)."
     import torch  # imported only now, so that --help is instant

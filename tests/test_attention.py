@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from llama2_edu.attention import Attention, attention, causal_mask
+from llama2_edu.attention import Attention, attention, attention_weights, causal_mask
 from llama2_edu.model_file import ModelArgs
 from llama2_edu.rope import permute_to_hf, precompute_freqs_cis
 
@@ -79,3 +79,29 @@ def test_attention_module_equals_transformers(n_heads, n_kv_heads):
     with torch.no_grad():
         expected, _ = theirs(x, position_embeddings=(cos, sin), attention_mask=mask)
         torch.testing.assert_close(ours(x, 0, freqs_cis), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (6, 2)])
+def test_attention_weights_equal_transformers(n_heads, n_kv_heads):
+    "attention_weights (chapter 5) vs the weights LlamaAttention's eager path returns, wq/wk rows permuted to HF's."
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+    torch.manual_seed(0)
+    args = ModelArgs(dim=96, n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=1e4)
+    ours = Attention(args).eval()
+    config = LlamaConfig(hidden_size=96, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4}, attn_implementation="eager")
+    theirs = LlamaAttention(config, layer_idx=0).eval()
+    theirs.load_state_dict({"q_proj.weight": permute_to_hf(ours.wq.weight, n_heads),
+                            "k_proj.weight": permute_to_hf(ours.wk.weight, n_kv_heads),
+                            "v_proj.weight": ours.wv.weight, "o_proj.weight": ours.wo.weight})
+    x = torch.randn(2, 7, 96)
+    freqs_cis = precompute_freqs_cis(args.head_dim, 16, 1e4)[:7]
+    cos, sin = LlamaRotaryEmbedding(config)(x, torch.arange(7)[None])
+    mask = torch.full((7, 7), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        _, expected = theirs(x, position_embeddings=(cos, sin), attention_mask=mask)
+    weights = attention_weights(ours, x, freqs_cis)                     # (bsz, n_heads, seqlen, seqlen)
+    assert weights.shape == (2, n_heads, 7, 7)
+    torch.testing.assert_close(weights, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, n_heads, 7))

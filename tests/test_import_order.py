@@ -15,13 +15,6 @@ PACKAGE = "llama2_edu"
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 # hand-written front door, `python -m llama2_edu` (it imports only chapter 12's program), nbdev's index
 NOT_EXPORTED = {"__init__.py", "__main__.py", "_modidx.py"}
-# Notebook cells that still borrow a later chapter's code, each said so on its page; the second edition's
-# issue stays open until they are gone. Chapter 5 runs chapter 7's Transformer to record what each layer's
-# attention receives (the attention maps of a trained model); chapter 6 runs it to check and time the cache.
-BORROWED = {
-    "notebooks/05_attention.ipynb (chapter 5) imports llama2_edu.model (chapter 7) in cell 24",
-    "notebooks/06_kv_cache.ipynb (chapter 6) imports llama2_edu.model (chapter 7) in cell 10",
-}
 # nbdev's cell directives that name a module: `#| default_exp model`, `#|export model`, `#| exports model`
 DIRECTIVE = re.compile(r"^#\|[ \t]*(default_exp|export|exports|exporti)[ \t]+([\w.]+)[ \t]*$", re.M)
 
@@ -220,9 +213,6 @@ def test_notebooks_import_only_their_own_or_earlier_chapters():
     problems = []
     for nb in NOTEBOOKS:
         problems += notebook_violations(nb, CHAPTERS, set(MODULES), EXPORTS)
-    assert BORROWED <= set(problems), report("borrowings that are gone: drop them from BORROWED",
-                                             sorted(BORROWED - set(problems)))
-    problems = [p for p in problems if p not in BORROWED]
     assert not problems, report("notebook imports of a later chapter", problems)
 
 

@@ -4,6 +4,7 @@ llama-lookup and transformers' prompt lookup, on copy-heavy prompts and on free 
     python benchmarks/speculate.py                                        # ours and transformers
     python benchmarks/speculate.py --llama-lookup /path/to/llama-lookup   # and llama.cpp's llama-lookup
     python benchmarks/speculate.py --gen 96 --runs 3 --threads 2
+    python benchmarks/speculate.py --only-cost --runs 30                   # re-measure the forward-pass cost only
 
 One process, one thread count. For each prompt, round r runs every contender once (ours plain, ours with adaptive
 prompt lookup, ours with a fixed draft length, transformers plain and with prompt_lookup_num_tokens, llama-lookup),
@@ -125,7 +126,7 @@ def forward_cost(model, ks, runs, context=100):
     model.forward(tokens[:, :context], 0, last_only=True)
     times = {k: [] for k in ks}
     for _ in range(runs):
-        for k in ks:
+        for k in ks:  # interleaved: a burst of load hits every k alike
             t = time.perf_counter()
             model.forward(tokens[:, context:context + k], context)
             times[k].append(time.perf_counter() - t)
@@ -143,9 +144,20 @@ def main(argv=None):
     p.add_argument("--llama-lookup", metavar="PATH", default=None, help="llama.cpp's llama-lookup binary")
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--only-cost", action="store_true",
+                   help="measure only the forward-pass cost (--runs rounds), into an existing speculate.json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.only_cost:
+        path = a.out / "speculate.json"
+        results = json.loads(path.read_text())
+        results["forward_cost"] = forward_cost(llama2_edu.load(device="cpu").model, range(1, a.n_draft + 2), a.runs)
+        results["forward_cost"]["command"] = "python benchmarks/speculate.py " + " ".join(
+            argv if argv is not None else sys.argv[1:])
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        print(" ".join(f"{k}:{r:.2f}" for k, r in zip(results["forward_cost"]["k"], results["forward_cost"]["relative"])))
+        return
 
     base = llama2_edu.load(device="cpu")  # the default path: the file's own precision
     llama = S.Llama(base.model, base.tokenizer)

@@ -74,11 +74,13 @@ def test_default_path_greedy_speculation_is_plain_greedy():
         ids = llama.encode_prompt(prompt)
         plain, _ = llama.generate([ids], 40, temperature=0)
         spec, _ = llama.generate([ids], 40, temperature=0, speculate=S.PromptLookup(8))
-        if spec != plain:  # allowed only where plain greedy itself faced a near-tie
+        if spec != plain:
+            # allowed only at a near-tie: the 4-bit path's logits come out in bf16 steps, and a verifying pass
+            # (other kernel shapes) may round one step otherwise; two bf16 units in the last place, at most
             i = next(i for i, (a, b) in enumerate(zip(spec[0], plain[0])) if a != b)
             x = torch.tensor([ids + plain[0][:i]])
             top2 = base.model.forward(x, 0, last_only=True)[0, -1].topk(2).values
-            assert top2[0] - top2[1] < 1e-2, (prompt, i)
+            assert top2[0] - top2[1] <= 2 * 2 ** -7 * abs(top2[0]), (prompt, i, top2)
 
 
 # --- tiny random models ---------------------------------------------------------------------------------------

@@ -1,0 +1,193 @@
+"""Speculative decoding (chapter 11): greedy speculation writes plain greedy's tokens, sampled speculation keeps the
+target's distribution (a chi-square test against the exact distribution, seeded), the cache is rolled back up to
+its last position, and a draft with another vocabulary is refused in one clear error. No timing assertions."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from checkpoints import random_state_dict, tiny_args, train_tokenizer
+from llama2_edu import speculative as S
+from llama2_edu.generation import Llama as PlainLlama
+from llama2_edu.model import Transformer
+from llama2_edu.tokenizer import FRENCH_PROMPT, SentencePieceTokenizer, tokenizer_from_gguf
+
+PROMPTS = [
+    FRENCH_PROMPT,
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n"
+    "def factorial(n):\n    ",
+    "Rewrite the sentence with 'cat' instead of 'dog': The dog sat on the mat, and the dog was happy.\n",
+    "Once upon a time",
+    "1, 2, 3, 4, 5, 6, 7, 8,",
+    "<table><tr><td>a</td><td>b</td></tr><tr><td>",
+    "Alice: Hi Bob!\nBob: Hi Alice!\nAlice: How are you?\nBob:",
+]
+FALSE_ALARM = 1e-6  # the chi-square test's significance level: it fails a correct sampler once in a million
+
+
+@pytest.fixture(scope="module")
+def fp32(embedded_model, embedded_reader):
+    return S.Llama(embedded_model, tokenizer_from_gguf(embedded_reader))
+
+
+def test_greedy_speculation_is_plain_greedy_fp32(fp32):
+    for prompt in PROMPTS:
+        ids = fp32.encode_prompt(prompt)
+        plain, _ = fp32.generate([ids], 48, temperature=0)
+        for draft in (S.PromptLookup(8), S.PromptLookup(4, adaptive=False)):
+            spec, _ = fp32.generate([ids], 48, temperature=0, speculate=draft)
+            assert spec == plain, (prompt, draft.stats)
+    assert draft.stats["accepted"] > 0
+
+
+def test_greedy_with_a_draft_model_is_plain_greedy(fp32):
+    # the target as its own draft (every guess right) and a fixed length: each step verifies 3 tokens
+    draft = S.DraftModel(PlainLlama(fp32.model, fp32.tokenizer), 3, adaptive=False)
+    ids = fp32.encode_prompt(PROMPTS[1])
+    plain, _ = fp32.generate([ids], 24, temperature=0)
+    spec, _ = fp32.generate([ids], 24, temperature=0, speculate=draft)
+    assert spec == plain and draft.stats["accepted"] > 0
+
+
+def test_text_completion_chat_and_stream_take_speculate(fp32):
+    kw = dict(temperature=0, max_gen_len=24)
+    plain = fp32.text_completion(PROMPTS[:3], logprobs=True, **kw)
+    spec = fp32.text_completion(PROMPTS[:3], logprobs=True, speculate="lookup", **kw)
+    assert [p["generation"] for p in plain] == [s["generation"] for s in spec]
+    for p, s in zip(plain, spec):  # the verifying pass's logits: other shapes, the same values to rounding
+        assert max(abs(a - b) for a, b in zip(p["logprobs"], s["logprobs"])) < 1e-3
+    dialog = [{"role": "user", "content": "Repeat after me: the cat sat on the mat."}]
+    assert (fp32.chat_completion([dialog], speculate="lookup", **kw)[0]["generation"]
+            == fp32.chat_completion([dialog], **kw)[0]["generation"])
+    pieces = list(fp32.stream(PROMPTS[0], speculate="lookup", **kw))
+    assert "".join(pieces) == plain[0]["generation"]
+    assert fp32._speculate is None  # the default stays off after a call
+
+
+def test_default_path_greedy_speculation_is_plain_greedy():
+    import llama2_edu
+    base = llama2_edu.load(device="cpu")  # the file's own precision: int4 layers, an int8 head
+    llama = S.Llama(base.model, base.tokenizer)
+    for prompt in PROMPTS:
+        ids = llama.encode_prompt(prompt)
+        plain, _ = llama.generate([ids], 40, temperature=0)
+        spec, _ = llama.generate([ids], 40, temperature=0, speculate=S.PromptLookup(8))
+        if spec != plain:
+            # allowed only at a near-tie: the 4-bit path's logits come out in bf16 steps, and a verifying pass
+            # (other kernel shapes) may round one step otherwise; two bf16 units in the last place, at most
+            i = next(i for i, (a, b) in enumerate(zip(spec[0], plain[0])) if a != b)
+            x = torch.tensor([ids + plain[0][:i]])
+            top2 = base.model.forward(x, 0, last_only=True)[0, -1].topk(2).values
+            assert top2[0] - top2[1] <= 2 * 2 ** -7 * abs(top2[0]), (prompt, i, top2)
+
+
+# --- tiny random models ---------------------------------------------------------------------------------------
+
+def tiny_llama(tokenizer_path, seed=0, noise=0.0, vocab_size=None, base=None, max_seq_len=64):
+    args = tiny_args(vocab_size or 384, max_seq_len=max_seq_len, max_batch_size=2)
+    state = random_state_dict(args, seed) if base is None else base
+    if noise:
+        g = torch.Generator().manual_seed(seed + 1)
+        state = {k: w + noise * w.std() * torch.randn(w.shape, generator=g) for k, w in state.items()}
+    model = Transformer(args)
+    model.load_state_dict(state)
+    return S.Llama(model.eval(), SentencePieceTokenizer(tokenizer_path)), state
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    return train_tokenizer(d / "a.model"), train_tokenizer(d / "b.model", vocab_size=320)
+
+
+def test_rollback_at_the_end_of_the_cache(tokenizers):
+    target, state = tiny_llama(tokenizers[0])
+    draft, _ = tiny_llama(tokenizers[0], noise=0.3, base=state)
+    prompt = target.tokenizer.encode("the cat sat on the mat, " * 4, bos=True, eos=False)[:40]
+    plain, _ = target.generate([prompt], None, temperature=0, ignore_eos=True)
+    assert len(prompt) + len(plain[0]) == 64  # up to max_seq_len
+    for speculate in (S.PromptLookup(8, adaptive=False), S.DraftModel(draft, 5, adaptive=False)):
+        spec, _ = target.generate([prompt], None, temperature=0, ignore_eos=True, speculate=speculate)
+        assert spec == plain
+        assert speculate.stats["drafted"] > speculate.stats["accepted"]  # some positions were rolled back
+
+
+def test_vocabulary_mismatch_is_one_clear_error(tokenizers):
+    target, _ = tiny_llama(tokenizers[0])
+    other, _ = tiny_llama(tokenizers[1], vocab_size=320)
+    with pytest.raises(S.VocabularyMismatch, match=r"320 tokens and the target's 384"):
+        target.generate([[1, 5, 6]], 4, temperature=0, speculate=other)
+
+
+def test_a_batch_is_refused_in_one_line(tokenizers):
+    target, _ = tiny_llama(tokenizers[0])
+    with pytest.raises(S.InputError, match="one sequence at a time") as e:
+        target.generate([[1, 5, 6], [1, 7]], 4, temperature=0, speculate="lookup")
+    assert "\n" not in str(e.value)
+
+
+# --- sampling keeps the target's distribution ----------------------------------------------------------------
+
+def exact_distribution(model, prompt, n, temperature, top_k):
+    "{first n sampled tokens: probability}, by enumeration, from full forward passes (no cache, no speculation)."
+    out = {(): 1.0}
+    for _ in range(n):
+        nxt = {}
+        for seq, p in out.items():
+            logits = model.forward(torch.tensor([prompt + list(seq)]), 0)[0, -1] / temperature
+            kth = logits.topk(top_k).values[-1]
+            probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
+            for t in torch.nonzero(probs).flatten().tolist():
+                nxt[seq + (t,)] = p * probs[t].item()
+        out = nxt
+    return out
+
+
+def chi_square_p(counts, exact, n_samples):
+    assert set(counts) <= set(exact), "a sample the target cannot produce"
+    return S.chi_square_pvalue(counts, exact, n_samples)
+
+
+@pytest.mark.parametrize("kind", ["lookup", "draft model"])
+def test_sampled_speculation_keeps_the_target_distribution(tokenizers, kind):
+    target, state = tiny_llama(tokenizers[0])
+    prompt = target.tokenizer.encode("the cat sat on the mat, the cat sat on the", bos=True, eos=False)
+    n_tokens, temperature, top_k, n_samples = 3, 1.0, 4, 2000
+    exact = exact_distribution(target.model, prompt, n_tokens, temperature, top_k)
+    if kind == "lookup":
+        draft = S.PromptLookup(4, adaptive=False)
+    else:
+        draft = S.DraftModel(tiny_llama(tokenizers[0], noise=0.5, base=state)[0], 3, adaptive=False)
+    kw = dict(temperature=temperature, top_p=1.0, top_k=top_k, ignore_eos=True)
+    g = 0
+    spec, plain = {}, {}
+    for i in range(n_samples):
+        out, _ = target.generate([prompt], n_tokens, seed=i, speculate=draft, **kw)
+        spec[tuple(out[0])] = spec.get(tuple(out[0]), 0) + 1
+        out, _ = target.generate([prompt], n_tokens, seed=i, **kw)
+        plain[tuple(out[0])] = plain.get(tuple(out[0]), 0) + 1
+        g += draft.stats["drafted"] - draft.stats["accepted"]
+    assert g > 100  # many drafts were rejected: the rule was exercised
+    assert chi_square_p(plain, exact, n_samples) > FALSE_ALARM
+    assert chi_square_p(spec, exact, n_samples) > FALSE_ALARM
+
+
+def test_parse_speculate(tokenizers, tmp_path):
+    d = S.parse_speculate("lookup", 6)
+    assert isinstance(d, S.PromptLookup) and d.n_draft == 6
+    with pytest.raises(S.InputError, match="n_draft"):
+        S.parse_speculate("lookup", 0)
+
+
+def test_adaptive_length_stops_drafting_when_nothing_is_accepted():
+    lengths = S.DraftLength(8, cost=0.09)
+    assert lengths() > 0
+    for _ in range(20):
+        lengths.update(lengths(), 0)
+    assert lengths() == 0
+    for _ in range(20):
+        k = lengths()
+        lengths.update(k, k)
+    assert lengths() == 8

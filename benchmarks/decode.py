@@ -256,7 +256,7 @@ def main(argv=None):
 
     print("loading ...", flush=True)
     t = time.perf_counter()
-    plain = load(device="cpu", dtype=torch.float32)            # the fp32 nn.Linear model of chapters 7-12
+    plain = load(device="cpu", dtype=torch.float32)            # the fp32 nn.Linear model of chapters 7-9
     ours = [Ours("llama2_edu fp32", "fp32", plain),
             Ours("llama2_edu bf16", "bf16", load(device="cpu", dtype=torch.bfloat16)),
             Ours("llama2_edu int8", "int8", load(device="cpu", quantize="int8")),

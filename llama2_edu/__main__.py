@@ -1,6 +1,6 @@
-"""`python -m llama2_edu`: the command line of chapter 12, `llama2_edu.program.main`.
+"""`python -m llama2_edu`: the command line of chapter 13, `llama2_edu.program.main`.
 
-Written by hand, like `__init__.py`: nbdev exports each notebook into one module, and chapter 12's is `program`.
+Written by hand, like `__init__.py`: nbdev exports each notebook into one module, and chapter 13's is `program`.
 """
 import sys
 

@@ -4,8 +4,7 @@
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""The command line (chapter 12): `python -m llama2_edu`, run as a user runs it, in a subprocess."""
+"""The command line (chapter 13): `python -m llama2_edu`, run as a user runs it, in a subprocess."""
 import os
 import subprocess
 import sys
@@ -28,7 +28,7 @@ def expected():
 
 @pytest.fixture(scope="module")
 def expected_fp32(embedded_model, embedded_reader):
-    "The same with the plain fp32 model of chapters 7-12."
+    "The same with the plain fp32 model of chapters 7-9."
     llama = Llama(embedded_model, tokenizer_from_gguf(embedded_reader))
     return llama.text_completion([PROMPT], temperature=0, max_gen_len=6)[0]["generation"]
 

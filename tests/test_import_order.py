@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "llama2_edu"
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-# hand-written front door, `python -m llama2_edu` (it imports only chapter 12's program), nbdev's index
+# hand-written front door, `python -m llama2_edu` (it imports only chapter 13's program), nbdev's index
 NOT_EXPORTED = {"__init__.py", "__main__.py", "_modidx.py"}
 # nbdev's cell directives that name a module: `#| default_exp model`, `#|export model`, `#| exports model`
 DIRECTIVE = re.compile(r"^#\|[ \t]*(default_exp|export|exports|exporti)[ \t]+([\w.]+)[ \t]*$", re.M)

@@ -1,4 +1,4 @@
-"""Tensor parallelism (chapter 11): `llama2_edu.load` under `torchrun` on 2 and 4 CPU processes (gloo), on tiny random
+"""Tensor parallelism (chapter 12): `llama2_edu.load` under `torchrun` on 2 and 4 CPU processes (gloo), on tiny random
 checkpoints in Meta's (1, 2, 4 shards, GQA), Hugging Face's (untied and tied) and GGUF (Q8_0) layouts. Every rank must
 compute the single-process model's logits and tokens while holding only its slice of the weights and of the KV cache.
 

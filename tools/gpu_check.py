@@ -19,7 +19,7 @@ The checks, one function each:
   int8      Int8Linear, whose CUDA forward is forward_fused (chapter 10)
   int4      Int4Linear on CUDA's int4 kernel (bf16 GPUs only; a T4 gets int8)
   compile   compile_decoding, the decoding step compiled (load(compile=True))
-  parallel  chapter 11's sharded model under NCCL, one GPU, a world of size 1
+  parallel  chapter 12's sharded model under NCCL, one GPU, a world of size 1
 
 Each prints one line, PASS, FAIL or SKIP, with what it verified, its greedy decoding
 rate (batch 1, an 8-token prompt, 32 new tokens, prefill excluded) and its peak GPU
@@ -156,7 +156,7 @@ def sync(device):
 
 def decode_rate(model, ids, n_tokens) -> float:
     """Tokens/s of greedy decoding with Llama.generate, batch 1, the prefill excluded:
-    chapter 13's decode_rate (a warm-up run pays for allocation and compilation)."""
+    chapter 14's decode_rate (a warm-up run pays for allocation and compilation)."""
     from llama2_edu.generation import Llama
     from llama2_edu.llama2_7b import decode_rate as rate
 

@@ -37,7 +37,8 @@ def test_help_explains_every_option():
     out = run("--help")
     assert out.returncode == 0
     for option in ("--file", "--ckpt", "--tokenizer", "--max-gen-len", "--temperature", "--top-p", "--top-k",
-                   "--seed", "--device", "--dtype", "--quantize", "--compile", "--chat", "--stream", "fetch-tokenizer"):
+                   "--seed", "--device", "--dtype", "--quantize", "--compile", "--speculate", "--n-draft", "--chat",
+                   "--stream", "fetch-tokenizer"):
         assert option in out.stdout
     out = run("fetch-tokenizer", "--help")
     assert out.returncode == 0 and "SentencePiece" in out.stdout
@@ -53,6 +54,15 @@ def test_fp32_is_one_option_away(expected_fp32):
     out = run(*ARGS, "--dtype", "fp32", PROMPT)
     assert out.returncode == 0, out.stderr
     assert out.stdout == expected_fp32 + "\n"
+
+
+def test_speculate_lookup_prints_plain_greedy_fp32(expected_fp32, tmp_path):
+    "--speculate (chapter 11) changes how tokens are found, not which: fp32 greedy, the same text."
+    out = run(*ARGS, "--dtype", "fp32", "--speculate", "lookup", "--n-draft", "4", PROMPT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == expected_fp32 + "\n"
+    bad = run(*ARGS, "--speculate", str(tmp_path / "missing.gguf"), PROMPT)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "missing.gguf" in bad.stderr
 
 
 def test_prompt_from_stdin_streamed(expected):

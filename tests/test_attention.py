@@ -58,9 +58,9 @@ def test_chunk_after_prefix_without_mask_is_refused():
         attention(xq, keys, keys)
 
 
-@pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (6, 2)])
-def test_attention_module_equals_transformers(n_heads, n_kv_heads):
-    "Our Attention (Meta layout, RoPE on adjacent pairs) vs LlamaAttention with the rows of wq/wk permuted to HF's."
+def ours_and_transformers(n_heads, n_kv_heads):
+    """Our Attention and transformers' LlamaAttention with the same weights (wq/wk rows permuted to HF's), a
+    prefill input x of 7 positions, and each side's rotations and causal mask."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
     torch.manual_seed(0)
@@ -76,31 +76,24 @@ def test_attention_module_equals_transformers(n_heads, n_kv_heads):
     freqs_cis = precompute_freqs_cis(args.head_dim, 16, 1e4)[:7]
     cos, sin = LlamaRotaryEmbedding(config)(x, torch.arange(7)[None])
     mask = torch.full((7, 7), float("-inf")).triu(1)[None, None]       # HF's eager path takes an additive mask
+    return ours, theirs, x, freqs_cis, dict(position_embeddings=(cos, sin), attention_mask=mask)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (6, 2)])
+def test_attention_module_equals_transformers(n_heads, n_kv_heads):
+    "Our Attention (Meta layout, RoPE on adjacent pairs) vs LlamaAttention with the rows of wq/wk permuted to HF's."
+    ours, theirs, x, freqs_cis, hf_inputs = ours_and_transformers(n_heads, n_kv_heads)
     with torch.no_grad():
-        expected, _ = theirs(x, position_embeddings=(cos, sin), attention_mask=mask)
+        expected, _ = theirs(x, **hf_inputs)
         torch.testing.assert_close(ours(x, 0, freqs_cis), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (6, 2)])
 def test_attention_weights_equal_transformers(n_heads, n_kv_heads):
     "attention_weights (chapter 5) vs the weights LlamaAttention's eager path returns, wq/wk rows permuted to HF's."
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
-    torch.manual_seed(0)
-    args = ModelArgs(dim=96, n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=1e4)
-    ours = Attention(args).eval()
-    config = LlamaConfig(hidden_size=96, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e4}, attn_implementation="eager")
-    theirs = LlamaAttention(config, layer_idx=0).eval()
-    theirs.load_state_dict({"q_proj.weight": permute_to_hf(ours.wq.weight, n_heads),
-                            "k_proj.weight": permute_to_hf(ours.wk.weight, n_kv_heads),
-                            "v_proj.weight": ours.wv.weight, "o_proj.weight": ours.wo.weight})
-    x = torch.randn(2, 7, 96)
-    freqs_cis = precompute_freqs_cis(args.head_dim, 16, 1e4)[:7]
-    cos, sin = LlamaRotaryEmbedding(config)(x, torch.arange(7)[None])
-    mask = torch.full((7, 7), float("-inf")).triu(1)[None, None]
+    ours, theirs, x, freqs_cis, hf_inputs = ours_and_transformers(n_heads, n_kv_heads)
     with torch.no_grad():
-        _, expected = theirs(x, position_embeddings=(cos, sin), attention_mask=mask)
+        _, expected = theirs(x, **hf_inputs)
     weights = attention_weights(ours, x, freqs_cis)                     # (bsz, n_heads, seqlen, seqlen)
     assert weights.shape == (2, n_heads, 7, 7)
     torch.testing.assert_close(weights, expected, atol=1e-5, rtol=1e-5)

@@ -8,6 +8,8 @@
     python benchmarks/decode.py --only kv                        # bf16 vs fp32 keys and values on the CPU
     python benchmarks/decode.py --only overhead                  # a step without its matrix products
 
+llama-bench: build it as benchmarks/speculate.py's docstring shows (llama.cpp from the llama-cpp-python sdist).
+
 One process, one prompt, one thread count; the contenders are interleaved (round r runs every contender once) and
 each figure is the median over the rounds. Writes benchmarks/results/decode.json and the plots next to it, which
 chapter 10 reads. A script, not a test: it asserts nothing about speed.

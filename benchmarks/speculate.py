@@ -6,15 +6,27 @@ llama-lookup and transformers' prompt lookup, on copy-heavy prompts and on free 
     python benchmarks/speculate.py --gen 96 --runs 3 --threads 2
     python benchmarks/speculate.py --only-cost --runs 30                   # re-measure the forward-pass cost only
 
-One process, one thread count. For each prompt, round r runs every contender once (ours plain, ours with adaptive
-prompt lookup, ours with a fixed draft length, transformers plain and with prompt_lookup_num_tokens, llama-lookup),
-and each rate is the median over the rounds, so the ratios compare runs made side by side. Greedy decoding of
-exactly --gen tokens (EOS ignored) for ours and transformers; llama-lookup stops at an EOS, and reports its own
-counts. Rates are decode rates: each engine's prefill (timed in the same round) is subtracted, and llama-lookup
-reports its decode time apart. Tokens per step = generated tokens / forward passes of the target (the prefill's pass included), which for
-llama-lookup is n_predict / (n_predict - n_accept). Also measures the cost of one forward pass over k new tokens
-relative to one token, on the default path. Writes benchmarks/results/speculate.json and speculate.png, which
-chapter 11 reads. A script, not a test: it asserts nothing about speed.
+llama-lookup comes from the llama.cpp that the llama-cpp-python source distribution vendors (no network
+beyond PyPI; about ten minutes on two cores):
+
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
+    cmake -S llama_cpp_python-0.3.36/vendor/llama.cpp -B llama.cpp-build -DCMAKE_BUILD_TYPE=Release \
+          -DLLAMA_CURL=OFF -DGGML_NATIVE=ON
+    cmake --build llama.cpp-build --target llama-lookup llama-bench -j 2   # binaries in llama.cpp-build/bin
+
+One process, one thread count. First it times a forward pass over k new tokens relative to one, on the default
+path. Then, for each prompt, round r runs every contender once: ours plain; ours with adaptive prompt lookup (what
+speculate="lookup" does) and with a fixed draft length; transformers plain and with prompt_lookup_num_tokens;
+llama-lookup. Each rate is the median over the rounds, so the ratios compare runs made side by side. Greedy
+decoding of exactly --gen tokens (EOS ignored) for ours and transformers; llama-lookup stops at an EOS and reports
+its own counts. Rates are decode rates: each engine's prefill (timed in the same round) is subtracted, and
+llama-lookup reports its decode time apart. Tokens per step = generated tokens / forward passes of the target (the
+prefill's pass included), which for llama-lookup is n_predict / (n_predict - n_accept). llama.cpp's and
+transformers' numerics write different texts from ours (the 4-bit path's near-ties go other ways), so our drafts
+are also replayed on llama-lookup's and on transformers' greedy text (greedy speculation is plain greedy, so a
+draft's passes on a known continuation can be counted without the model): draft against draft, on the same
+tokens. Writes benchmarks/results/speculate.json and speculate.png, which chapter 11 reads.
+A script, not a test: it asserts nothing about speed.
 """
 import argparse
 import json
@@ -109,30 +121,53 @@ def llama_lookup(path, text, n, n_draft, threads):
     "One run of llama.cpp's llama-lookup: its decode time and counts, read from its log."
     cmd = [path, "-m", str(embedded_model_path()), "-p", text, "-n", str(n), "--spec-draft-n-max", str(n_draft),
            "-t", str(threads), "--temp", "0", "--seed", "1"]
-    log = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    log = log.stdout + log.stderr
+    run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    log = run.stdout + run.stderr
+    written = run.stdout[run.stdout.index(text) + len(text):]  # it echoes the prompt, then writes
     get = lambda key: float(re.search(rf"{key}\s*=\s*([\d.]+)", log).group(1))
     decoded = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", log)
     n_predict, n_accept = get("n_predict"), get("n_accept")
     # its decode time excludes the prompt's evaluation, as ours does once the prefill is subtracted
     return dict(seconds=float(decoded.group(2)), tokens=int(decoded.group(1)), passes=n_predict - n_accept,
-                drafted=int(get("n_drafted")), accepted=int(n_accept), ids=None)
+                drafted=int(get("n_drafted")), accepted=int(n_accept), ids=None, text=written)
 
 
 @torch.inference_mode()
-def forward_cost(model, ks, runs, context=100):
-    "Seconds of one forward pass over k new tokens after a `context`-token prefill, relative to k = 1 (medians)."
+def forward_cost(model, n_draft, rounds, context=100):
+    """Seconds of one forward pass over k = 1 .. n_draft + 1 new tokens after a `context`-token prefill, relative to
+    k = 1: medians over `rounds` interleaved rounds (a burst of other load hits every k alike), after one round of
+    warm-up. Which tokens does not matter for the time, so they are random."""
+    ks = range(1, n_draft + 2)
     tokens = torch.randint(100, 1000, (1, context + max(ks)), generator=torch.Generator().manual_seed(0))
-    model.forward(tokens[:, :context], 0, last_only=True)
     times = {k: [] for k in ks}
-    for _ in range(runs):
-        for k in ks:  # interleaved: a burst of load hits every k alike
+    for r in range(rounds + 1):
+        model.forward(tokens[:, :context], 0, last_only=True)
+        for k in ks:
             t = time.perf_counter()
             model.forward(tokens[:, context:context + k], context)
-            times[k].append(time.perf_counter() - t)
+            if r:
+                times[k].append(time.perf_counter() - t)
     base = statistics.median(times[1])
     return dict(context=context, k=list(ks), seconds=[statistics.median(times[k]) for k in ks],
                 relative=[statistics.median(times[k]) / base for k in ks])
+
+
+def replay(draft, prompt, gen):
+    """Greedy speculation is plain greedy, so a draft's passes on a known greedy continuation `gen` can be counted
+    without the model: each step accepts the longest drafted prefix that matches, plus the next token. Returns
+    tokens per forward pass (the prefill's pass included)."""
+    draft.reset()
+    tokens, pos, passes = prompt + gen[:1], 1, 1
+    while pos < len(gen):
+        k = min(draft.length(), len(gen) - pos - 1)
+        guess = draft.propose(tokens, k)[0][:k]
+        n = 0
+        while n < len(guess) and guess[n] == gen[pos + n]:
+            n += 1
+        draft.update(tokens, len(guess), n)
+        tokens += gen[pos:pos + n + 1]
+        pos, passes = pos + n + 1, passes + 1
+    return len(gen) / passes
 
 
 def main(argv=None):
@@ -152,7 +187,7 @@ def main(argv=None):
     if a.only_cost:
         path = a.out / "speculate.json"
         results = json.loads(path.read_text())
-        results["forward_cost"] = forward_cost(llama2_edu.load(device="cpu").model, range(1, a.n_draft + 2), a.runs)
+        results["forward_cost"] = forward_cost(llama2_edu.load(device="cpu").model, a.n_draft, a.runs)
         results["forward_cost"]["command"] = "python benchmarks/speculate.py " + " ".join(
             argv if argv is not None else sys.argv[1:])
         path.write_text(json.dumps(results, indent=1) + "\n")
@@ -161,9 +196,12 @@ def main(argv=None):
 
     base = llama2_edu.load(device="cpu")  # the default path: the file's own precision
     llama = S.Llama(base.model, base.tokenizer)
-    contenders = {"ours plain": Ours(llama),
-                  "ours lookup (adaptive)": Ours(llama, S.PromptLookup(a.n_draft)),
-                  "ours lookup (fixed length)": Ours(llama, S.PromptLookup(a.n_draft, adaptive=False))}
+    print("forward-pass cost ...", flush=True)
+    cost = forward_cost(base.model, a.n_draft, max(a.runs, 5))
+    print(" ".join(f"{k}:{r:.2f}" for k, r in zip(cost["k"], cost["relative"])), flush=True)
+    drafts = {"ours lookup (adaptive)": lambda: S.PromptLookup(a.n_draft),  # speculate="lookup", longest 8
+              "ours lookup (fixed length)": lambda: S.PromptLookup(a.n_draft, adaptive=False)}
+    contenders = {"ours plain": Ours(llama), **{name: Ours(llama, d()) for name, d in drafts.items()}}
     if not a.no_transformers:
         from transformers import AutoModelForCausalLM
         path = embedded_model_path()
@@ -171,9 +209,6 @@ def main(argv=None):
                                                   dtype=torch.float32).eval()
         contenders["transformers plain"] = Transformers(hf)
         contenders["transformers prompt lookup"] = Transformers(hf, lookup=a.n_draft)
-    print("forward-pass cost ...", flush=True)
-    cost = forward_cost(base.model, range(1, a.n_draft + 2), a.runs)
-    print(" ".join(f"{k}:{r:.2f}" for k, r in zip(cost["k"], cost["relative"])), flush=True)
 
     results = dict(
         machine=dict(cpu=cpu_name(), threads=a.threads, torch=torch.__version__, python=platform.python_version()),
@@ -209,7 +244,24 @@ def main(argv=None):
                                tokens_per_step=(r["tokens"] + (r["ids"] is not None)) / r["passes"],
                                drafted=r["drafted"], accepted=r["accepted"],
                                acceptance=(r["accepted"] / r["drafted"]) if r["drafted"] else None)
-        same = runs["ours plain"][0]["ids"] == runs["ours lookup (adaptive)"][0]["ids"]
+        plain_ids = runs["ours plain"][0]["ids"]
+        same = all(runs[c][0]["ids"] == plain_ids for c in drafts)
+        for cname in drafts:  # replaying a draft on its run's text counts what the run counted
+            if runs[cname][0]["ids"] == plain_ids:
+                counted = replay(drafts[cname](), ids, runs[cname][0]["ids"])
+                assert abs(counted - rows[cname]["tokens_per_step"]) < 1e-9, (cname, counted)
+        if a.llama_lookup:  # our drafts on llama-lookup's own text: draft against draft
+            r = runs["llama.cpp llama-lookup"][0]
+            theirs = base.tokenizer.encode(r["text"], bos=False, eos=False)[:r["tokens"]]
+            rows["llama.cpp llama-lookup"]["text"] = r["text"]
+            rows["llama.cpp llama-lookup"]["ours_on_this_text"] = {
+                cname: replay(d(), ids, theirs) for cname, d in drafts.items()}
+        if not a.no_transformers:  # and on transformers' greedy text (its plain run's, which its lookup's equals)
+            theirs = runs["transformers plain"][0]["ids"]
+            rows["transformers prompt lookup"]["same_tokens_as_plain"] = (
+                runs["transformers prompt lookup"][0]["ids"] == theirs)
+            rows["transformers prompt lookup"]["ours_on_this_text"] = {
+                cname: replay(d(), ids, theirs) for cname, d in drafts.items()}
         for cname in rows:
             plain = "transformers plain" if cname.startswith("transformers") else "ours plain"
             if cname.startswith("llama.cpp"):
@@ -246,7 +298,7 @@ def plot(results, out: Path):
         ax.set_ylabel(ylabel)
         ax.axhline(1, color="gray", lw=0.8)
     axes[0].set_title("Speed-up (each engine against its own plain decoding)")
-    axes[1].set_title("Tokens per step")
+    axes[1].set_title("Tokens per pass (each engine on its own text)")
     axes[1].legend(fontsize=8)
     m = results["machine"]
     fig.suptitle(f"Prompt lookup on the embedded model: {m['cpu']}, {m['threads']} threads", fontsize=10)

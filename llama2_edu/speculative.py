@@ -90,9 +90,9 @@ class DraftLength:
     0..n_draft with the most tokens per unit of cost. The rate is a decaying count
     (`decay` per verdict) with a prior of 1/2 worth `prior` tokens: when drafting
     stops, the counts fade (`idle_decay` per step) and the prior brings a probe back
-    after some steps (about one step in eight when every probe fails)."""
+    after some steps (one step in four when every probe fails, at cost 0.09)."""
 
-    def __init__(self, n_draft, cost, decay=0.7, prior=0.5, idle_decay=0.98):
+    def __init__(self, n_draft, cost, decay=0.7, prior=0.5, idle_decay=0.95):
         self.n_draft, self.cost, self.decay, self.prior = n_draft, cost, decay, prior
         self.idle_decay = idle_decay
         self.accepted = self.tried = 0.0
@@ -109,8 +109,7 @@ class DraftLength:
     def update(self, drafted: int, accepted: int):
         """One step: `accepted` of `drafted` tokens kept. Each verdict on a token (the
         accepted ones, then the rejected one if any) decays the counts by `decay`; a
-        step
-        that drafted nothing, by `idle_decay`."""
+        step that drafted nothing, by `idle_decay`."""
         if not drafted:  # no verdict: the counts fade slowly
             self.accepted *= self.idle_decay
             self.tried *= self.idle_decay
@@ -283,14 +282,13 @@ def as_draft(speculate) -> Draft:
 def bind(draft: Draft, target: generation.Llama) -> Draft:
     """Check that `draft` can draft for `target`, once per pair, and give a draft
     model its default cost (its parameters' ratio to the target's, plus one verified
-    position)."""
+    position), which the next sequence's `reset()` hands to its DraftLength."""
     if isinstance(draft, DraftModel) and getattr(draft, "target", None) is not target:
         check_vocabulary(target, draft.llama)
         draft.target = target
         if draft.given_cost is None:
             size = lambda m: sum(p.numel() for p in m.parameters())
             draft.cost = 0.09 + size(draft.model) / size(target.model)
-            draft.lengths.cost = draft.cost
     return draft
 
 # %% ../notebooks/11_more_than_one_token.ipynb #9faa3129

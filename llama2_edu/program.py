@@ -66,7 +66,8 @@ def load(
 ) -> "Llama":
     """A `Llama` ready to generate. `source`: None (the embedded SmolLM2-135M), a Meta
     or Hugging Face checkpoint directory, a `.gguf` file or a hub id. `quantize`:
-    'auto' (a GGUF file at its own precision, other checkpoints in bf16, or plain
+    'auto' (a GGUF file at its own precision, other checkpoints in chapter 8's
+    default dtype (fp32 on the CPU, bf16 on a GPU, fp16 on a T4), or plain
     layers in `dtype` if given), 'int8', 'int4', 'gguf' or None (plain layers).
     `fuse`, `compile`: chapter 10's levers. Under torchrun, each process loads its
     slice."""
@@ -279,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "int8", "int4", "gguf", "none"],
         help=(
             "weight precision: auto runs a .gguf file at its own precision (the"
-            " embedded model: 4-bit) and other checkpoints in bf16 (fp16 on older"
-            " GPUs); int8 or int4 quantizes the weights; none keeps plain layers in"
+            " embedded model: 4-bit) and other checkpoints in fp32 on the CPU, bf16"
+            " on a GPU (fp16 on older GPUs); int8 or int4 quantizes the weights; none keeps plain layers in"
             " --dtype (default: %(default)s)"
         ),
     )

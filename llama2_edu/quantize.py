@@ -21,6 +21,7 @@ from llama2_edu.checkpoint import (
     about,
     checkpoint_layout,
     default_device,
+    default_dtype,
     supports_bf16,
 )
 from .kv_cache import KVCache
@@ -313,9 +314,9 @@ def load_plan(source, quantize="auto", device=None, dtype=None):
         if dtype is not None:  # an explicit dtype: plain layers in that dtype
             return None, dtype, None
         path = gguf_file(source)
-        # Meta / Hugging Face weights: bf16 (fp16 on a T4)
+        # Meta / Hugging Face weights: chapter 8's rule (fp32 on the CPU, bf16 or fp16)
         if path is None:
-            return None, half, None
+            return None, default_dtype(device), None
         quantize = "gguf"
     if quantize is None:
         return None, dtype, None

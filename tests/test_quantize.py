@@ -100,13 +100,25 @@ def test_load_plan(tmp_path):
     assert load_plan(gguf, None, "cpu", None) == (None, None, None)                      # loader's default (fp32)
     assert load_plan(gguf, "int8", "cpu", None)[:2] == ("int8", torch.bfloat16)
     (tmp_path / "params.json").write_text("{}")
-    assert load_plan(tmp_path, "auto", "cpu", None) == (None, torch.bfloat16, None)      # Meta weights: bf16
+    assert load_plan(tmp_path, "auto", "cpu", None) == (None, torch.float32, None)  # Meta weights: default_dtype
     assert load_plan(tmp_path, "int4", "cpu", None) == ("int4", torch.bfloat16, None)
     with pytest.raises(ValueError, match="not a GGUF file"):
         load_plan(tmp_path, "gguf", "cpu", None)
     with pytest.raises(ValueError, match="quantize='int3' is not supported"):
         load_plan(gguf, "int3", "cpu", None)
 
+
+
+def test_load_and_build_share_one_dtype_rule(tmp_path):
+    "load() and Meta's Llama.build (chapter 9's, in one process) pick the same dtype for Meta weights: chapter 8's."
+    from checkpoints import random_state_dict, tiny_args, train_tokenizer, write_meta
+    from llama2_edu.checkpoint import default_dtype
+    from llama2_edu.generation import Llama as Chapter9Llama
+    ckpt = write_meta(tmp_path / "meta", random_state_dict(tiny_args()), dtype=torch.bfloat16)
+    tok = train_tokenizer(tmp_path / "tok")
+    dtypes = {f.__qualname__: f(ckpt, tokenizer_path=tok, device="cpu").model.tok_embeddings.weight.dtype
+              for f in (load, Chapter9Llama.build)}
+    assert set(dtypes.values()) == {default_dtype("cpu")}, dtypes
 
 @pytest.fixture(scope="module")
 def fast():

@@ -281,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "weight precision: auto runs a .gguf file at its own precision (the"
             " embedded model: 4-bit) and other checkpoints in fp32 on the CPU, bf16"
-            " on a GPU (fp16 on older GPUs); int8 or int4 quantizes the weights; none keeps plain layers in"
-            " --dtype (default: %(default)s)"
+            " on a GPU (fp16 on older GPUs); int8 or int4 quantizes the weights;"
+            " none keeps plain layers in --dtype (default: %(default)s)"
         ),
     )
     p.add_argument(

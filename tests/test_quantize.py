@@ -108,7 +108,6 @@ def test_load_plan(tmp_path):
         load_plan(gguf, "int3", "cpu", None)
 
 
-
 def test_load_and_build_share_one_dtype_rule(tmp_path):
     "load() and Meta's Llama.build (chapter 9's, in one process) pick the same dtype for Meta weights: chapter 8's."
     from checkpoints import random_state_dict, tiny_args, train_tokenizer, write_meta
@@ -119,6 +118,7 @@ def test_load_and_build_share_one_dtype_rule(tmp_path):
     dtypes = {f.__qualname__: f(ckpt, tokenizer_path=tok, device="cpu").model.tok_embeddings.weight.dtype
               for f in (load, Chapter9Llama.build)}
     assert set(dtypes.values()) == {default_dtype("cpu")}, dtypes
+
 
 @pytest.fixture(scope="module")
 def fast():

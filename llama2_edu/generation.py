@@ -30,8 +30,10 @@ from .tokenizer import Tokenizer
 # %% auto #0
 __all__ = ['Role', 'Dialog', 'B_INST', 'E_INST', 'B_SYS', 'E_SYS', 'SPECIAL_TAGS', 'UNSAFE_ERROR', 'TEMPLATE_CHARS',
            'TEMPLATE_MEMORY', 'TEMPLATE_SECONDS', 'sample_top_p', 'top_k_logits', 'check_sampling', 'check_seed',
-           'sample_next', 'Message', 'CompletionPrediction', 'ChatPrediction', 'check_dialog', 'llama2_chat_tokens',
-           'TemplateBoundError', 'template_environment', 'bounded', 'render_chat_template', 'Llama', 'stream_text']
+           'sample_next', 'batch_layout', 'prefill', 'decode_steps', 'Message', 'CompletionPrediction',
+           'ChatPrediction', 'check_dialog', 'llama2_chat_tokens', 'TemplateBoundError', 'template_environment',
+           'bounded', 'render_chat_template', 'check_one_process', 'check_prompts', 'check_text_prompts',
+           'check_dialogs', 'dialog_tokens', 'has_markup', 'predictions', 'Llama', 'stream_text']
 
 # %% ../notebooks/09_generation.ipynb #b5b6c304
 def sample_top_p(
@@ -113,6 +115,99 @@ def sample_next(
     # (bsz, vocab_size)
     probs = torch.softmax(top_k_logits(logits / temperature, top_k), dim=-1)
     return sample_top_p(probs, top_p, generator).reshape(-1)
+
+# %% ../notebooks/09_generation.ipynb #e340643d
+def batch_layout(
+    prompt_tokens: List[List[int]], max_gen_len: int, max_seq_len: int, device
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
+    """The batch layout: prompts right-aligned in `tokens` (bsz, total_len), all ending
+    at `prompt_end`, the longest prompt's length; `pad` (bsz, total_len) is True at the
+    left padding of shorter prompts (or None)."""
+    prompt_lens = torch.tensor([len(t) for t in prompt_tokens], device=device)  # (bsz,)
+    prompt_end = int(prompt_lens.max())
+    total_len = min(max_seq_len, max_gen_len + prompt_end)
+    tokens = torch.zeros(
+        (len(prompt_tokens), total_len), dtype=torch.long, device=device
+    )
+    for k, t in enumerate(prompt_tokens):
+        tokens[k, prompt_end - len(t) : prompt_end] = torch.tensor(
+            t, dtype=torch.long, device=device
+        )
+    # (bsz, total_len)
+    pad = torch.arange(total_len, device=device) < (prompt_end - prompt_lens)[:, None]
+    return tokens, (pad if bool(pad.any()) else None), prompt_end
+
+
+def prefill(model: Transformer, tokens, pad, prompt_end: int, all_logits=False):
+    """The prefill: the prompts' keys and values into the caches, and their logits,
+    (bsz, prompt_end, vocab_size), or (bsz, 1, vocab_size) of the last position only
+    unless `all_logits`. One forward pass over the batch, except for prompts of
+    different lengths when only the last logits are needed: then one pass per prompt
+    over its own tokens, so that padding costs nothing (chapter 10)."""
+    if pad is None or all_logits:
+        return model.forward(
+            tokens[:, :prompt_end],
+            0,
+            last_only=not all_logits,
+            pad=None if pad is None else pad[:, :prompt_end],
+        )
+    logits = []
+    # each prompt in row 0 of the caches, then copied to its own row; the last first
+    for k in reversed(range(tokens.shape[0])):
+        first = int(pad[k, :prompt_end].sum())  # where prompt k starts
+        logits.append(
+            model.forward(
+                tokens[k : k + 1, first:prompt_end],
+                first,
+                pad=pad[k : k + 1, :prompt_end],
+                last_only=True,
+            )
+        )
+        if k > 0:
+            for layer in model.layers:
+                layer.attention.cache.copy_row(0, k, prompt_end)
+    # (bsz, 1, vocab_size)
+    return torch.cat(logits[::-1])
+
+
+def decode_steps(
+    model: Transformer,
+    tokens,
+    pad,
+    prompt_end: int,
+    eos_id: int,
+    temperature,
+    top_p,
+    top_k,
+    generator,
+    all_logits=False,
+    ignore_eos=False,
+):
+    """The decoding loop: the prefill, then one position per step, filling `tokens` in
+    place; yield `(prev_pos, cur_pos, logits)` after each step (the logits of positions
+    prev_pos .., of the last one only unless `all_logits`), until every sequence has
+    produced `eos_id` (unless `ignore_eos`) or `tokens` is full."""
+    if prompt_end == tokens.shape[1]:
+        return  # no room to generate
+    eos_reached = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    # (bsz, prompt_end or 1, vocab_size)
+    logits = prefill(model, tokens, pad, prompt_end, all_logits)
+    prev_pos = 0
+    for cur_pos in range(prompt_end, tokens.shape[1]):
+        # (bsz,)
+        next_token = sample_next(logits[:, -1], temperature, top_p, top_k, generator)
+        tokens[:, cur_pos] = next_token
+        eos_reached |= next_token == eos_id
+        yield prev_pos, cur_pos, logits
+        if cur_pos + 1 == tokens.shape[1] or (not ignore_eos and eos_reached.all()):
+            break
+        prev_pos = cur_pos
+        # (bsz, 1, vocab_size): the new token's
+        logits = model.forward(
+            tokens[:, cur_pos : cur_pos + 1],
+            cur_pos,
+            pad=None if pad is None else pad[:, : cur_pos + 1],
+        )
 
 # %% ../notebooks/09_generation.ipynb #9d5d235c
 Role = Literal["system", "user", "assistant"]
@@ -366,10 +461,138 @@ def render_chat_template(
         ) from None
     return "".join(text)
 
-# %% ../notebooks/09_generation.ipynb #e11be870
+# %% ../notebooks/09_generation.ipynb #0d96f43e
+def check_one_process(model_parallel_size: Optional[int]):
+    "Refuse a model-parallel build: this chapter's `Llama.build` holds the whole model."
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or model_parallel_size not in (
+        None,
+        1,
+    ):
+        raise InputError(
+            "This Llama.build holds the whole model in one process: under torchrun,"
+            " use llama2_edu.Llama.build or llama2_edu.load, which load each"
+            " process's slice."
+        )
+
+
+def check_prompts(
+    params: ModelArgs, tokenizer: Tokenizer, prompt_tokens: Sequence[Sequence[int]]
+) -> List[List[int]]:
+    """The prompts as lists of ints (ids may be numpy integers or 0-d tensors), or
+    an error naming the first problem: not a list of prompts, none, more than
+    `max_batch_size`, an empty one, one longer than `max_seq_len`, an unknown id."""
+    one_id = lambda t: isinstance(t, (str, numbers.Integral)) or (
+        getattr(t, "ndim", None) == 0
+    )
+    if isinstance(prompt_tokens, str) or any(map(one_id, prompt_tokens)):
+        raise InputTypeError(
+            "prompt_tokens must be a list of prompts, each a list of token ids:"
+            " write generate([ids])."
+        )
+    if not len(prompt_tokens):
+        raise InputError("No prompts: pass a list with at least one prompt.")
+    if len(prompt_tokens) > params.max_batch_size:
+        raise InputError(
+            f"{len(prompt_tokens)} prompts are more than"
+            f" max_batch_size={params.max_batch_size}: pass fewer prompts at once,"
+            " or load the model with a larger max_batch_size."
+        )
+    prompts = []
+    for i, t in enumerate(prompt_tokens):
+        if len(t) == 0:
+            raise InputError(
+                f"Prompt {i} is empty (no tokens): give the model at least one"
+                " token to continue."
+            )
+        if len(t) > params.max_seq_len:
+            raise InputError(
+                f"Prompt {i} has {len(t)} tokens, more than"
+                f" max_seq_len={params.max_seq_len}: shorten it, or load the model"
+                " with a larger max_seq_len."
+            )
+        # every id a row of the embedding
+        prompts.append(tokenizer.check_ids(t))
+    return prompts
+
+
+def check_text_prompts(prompts) -> List[str]:
+    "`text_completion`'s prompts as a list of str, or an error naming the problem."
+    if isinstance(prompts, str) or not isinstance(prompts, Iterable):
+        raise InputTypeError(
+            "prompts must be a list of strings: write text_completion([prompt])."
+        )
+    prompts = list(prompts)  # a generator is read once, here
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise InputTypeError(
+                f"prompts[{i}] is {prompt!r}: each prompt must be a str."
+            )
+    return prompts
+
+
+def check_dialogs(dialogs) -> List[Dialog]:
+    "`chat_completion`'s dialogs as a list, or an error naming the problem."
+    if not isinstance(dialogs, (dict, str)) and isinstance(dialogs, Iterable):
+        dialogs = list(dialogs)  # a generator is read once, here
+    if not isinstance(dialogs, list) or (dialogs and isinstance(dialogs[0], dict)):
+        raise InputTypeError(
+            "dialogs must be a list of dialogs, each a list of messages: "
+            "write chat_completion([dialog])."
+        )
+    return dialogs
+
+
+def dialog_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
+    """A dialog's token ids in the checkpoint's chat format: its own Jinja template if
+    it has one, else Llama 2's."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return llama2_chat_tokens(tokenizer, dialog)
+    text = render_chat_template(
+        template,
+        check_dialog(dialog),
+        bos_token=tokenizer.id_to_piece(tokenizer.bos_id),
+        eos_token=tokenizer.id_to_piece(tokenizer.eos_id),
+        source=tokenizer.source or "the tokenizer",
+    )
+    # the template writes the special tokens (<s>, <|im_start|>) as text
+    return tokenizer.encode_markup(text)
+
+
+def has_markup(tokenizer: Tokenizer, dialog: Dialog) -> bool:
+    """True if a message smuggles in chat markup: Llama 2's tags, or the tokenizer's
+    special tokens with a template."""
+    tags = SPECIAL_TAGS
+    # [INST] stays markup for Llama 2's own template
+    if getattr(tokenizer, "chat_template", None):
+        tags = SPECIAL_TAGS + [piece for piece in tokenizer.special_tokens if piece]
+    return any(tag in msg["content"] for tag in tags for msg in check_dialog(dialog))
+
+
+def predictions(
+    tokenizer: Tokenizer,
+    generation_tokens,
+    generation_logprobs,
+    wrap=lambda text: text,
+    unsafe=None,
+) -> list:
+    """Meta's prediction dicts: each generation decoded (or UNSAFE_ERROR), wrapped as
+    a message for chat, with its tokens and log-probabilities if there are any."""
+    unsafe = unsafe or [False] * len(generation_tokens)
+    out = []
+    for i, t in enumerate(generation_tokens):
+        pred = {"generation": wrap(UNSAFE_ERROR if unsafe[i] else tokenizer.decode(t))}
+        if generation_logprobs is not None:
+            # in context: SentencePiece keeps its spaces
+            pred["tokens"] = tokenizer.token_texts(t)
+            pred["logprobs"] = generation_logprobs[i]
+        out.append(pred)
+    return out
+
+# %% ../notebooks/09_generation.ipynb #5f22bbcc
 class Llama:
     """A model and its tokenizer, with Meta's generation API: `generate`,
-    `text_completion`, `chat_completion`, `stream`."""
+    `text_completion` and `chat_completion`, plus `generate_stream` and `stream`."""
 
     @staticmethod
     def build(
@@ -387,15 +610,7 @@ class Llama:
         source it accepts), whole, in this process; Meta's shards are merged, so
         `model_parallel_size` may be None or 1. `seed` seeds this object's own random
         generator (Meta seeds torch's global one)."""
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or model_parallel_size not in (
-            None,
-            1,
-        ):
-            raise InputError(
-                "This Llama.build holds the whole model in one process: under torchrun,"
-                " use llama2_edu.Llama.build or llama2_edu.load, which load each"
-                " process's slice."
-            )
+        check_one_process(model_parallel_size)
         model, tokenizer = load_checkpoint(
             ckpt_dir,
             tokenizer_path=tokenizer_path,
@@ -422,441 +637,222 @@ class Llama:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+        *,
+        top_k: Optional[int] = None,
+        seed: Optional[int] = None,
+        ignore_eos: bool = False,
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Meta's batched decoding loop: continue each prompt (a list of token ids)
+        until EOS or `max_gen_len` tokens (exactly `max_gen_len`, EOS included, with
+        `ignore_eos=True`, as benchmarks want)."""
+        prompt_tokens = check_prompts(self.args, self.tokenizer, prompt_tokens)
+        max_gen_len = self.default_max_gen_len(max_gen_len)
+        check_sampling(temperature, top_p, top_k, max_gen_len, seed)
+        eos_id = self.tokenizer.eos_id
+        tokens, pad, prompt_end = batch_layout(
+            prompt_tokens, max_gen_len, self.args.max_seq_len, self.device
+        )
+        # (bsz, total_len)
+        token_logprobs = torch.zeros_like(tokens, dtype=torch.float)
+        # log p(token | the tokens before it), of the tokens at positions start + 1 ..
+        score = lambda logits, start: -F.cross_entropy(
+            logits.transpose(1, 2),
+            tokens[:, start + 1 : start + 1 + logits.shape[1]],
+            reduction="none",
+        )
+        if prompt_end == tokens.shape[1] and logprobs:  # nothing to generate
+            logits = self.model.forward(tokens, 0, pad=pad)
+            token_logprobs[:, 1:] = score(logits[:, :-1], 0)
+        steps = decode_steps(
+            self.model, tokens, pad, prompt_end, eos_id, temperature, top_p, top_k,
+            self._generator(seed), all_logits=logprobs, ignore_eos=ignore_eos,
+        )  # fmt: skip
+        for prev_pos, cur_pos, logits in steps:
+            if logprobs:  # logits at prev_pos .. predict the tokens at prev_pos + 1 ..
+                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = score(logits, prev_pos)
+
+        out_tokens, out_logprobs = [], []
+        for i, toks in enumerate(tokens.tolist()):
+            # where this prompt starts, after its padding
+            first = prompt_end - len(prompt_tokens[i])
+            start = first if echo else prompt_end
+            toks = toks[start : prompt_end + max_gen_len]  # cut to max_gen_len
+            probs = token_logprobs[i, start : prompt_end + max_gen_len].tolist()
+            if echo:  # the first token of a sequence has no log-probability: 0
+                probs[0] = 0.0
+            generated = toks[prompt_end - start :]
+            # cut at the first EOS the model wrote (not in the prompt)
+            if eos_id in generated and not ignore_eos:
+                end = prompt_end - start + generated.index(eos_id)
+                toks, probs = toks[:end], probs[:end]
+            out_tokens.append(toks)
+            out_logprobs.append(probs)
+        return out_tokens, out_logprobs if logprobs else None
+
+    def text_completion(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+        *,
+        top_k: Optional[int] = None,
+        seed: Optional[int] = None,
+        ignore_eos: bool = False,
+    ) -> List[CompletionPrediction]:
+        """Meta's `text_completion`: continue each prompt (any number:
+        `max_batch_size` at a time); one dict per prompt."""
+        prompts = check_text_prompts(prompts)
+        max_gen_len = self.default_max_gen_len(max_gen_len)
+        prompt_tokens = [self.encode_prompt(x) for x in prompts]
+        generation_tokens, generation_logprobs = self._generate_all(
+            prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
+            top_k=top_k, seed=seed, ignore_eos=ignore_eos,
+        )  # fmt: skip
+        return predictions(self.tokenizer, generation_tokens, generation_logprobs)
+
+    def chat_completion(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        *,
+        top_k: Optional[int] = None,
+        seed: Optional[int] = None,
+    ) -> List[ChatPrediction]:
+        """Meta's `chat_completion`: the assistant's next message for each dialog (any
+        number), in its chat format."""
+        dialogs = check_dialogs(dialogs)
+        max_gen_len = self.default_max_gen_len(max_gen_len)
+        prompt_tokens = [self.encode_dialog(dialog) for dialog in dialogs]
+        unsafe = [self.is_unsafe(dialog) for dialog in dialogs]
+        generation_tokens, generation_logprobs = self._generate_all(
+            prompt_tokens, max_gen_len, temperature, top_p, logprobs, top_k=top_k,
+            seed=seed,
+        )  # fmt: skip
+        return predictions(
+            self.tokenizer,
+            generation_tokens,
+            generation_logprobs,
+            wrap=lambda text: {"role": "assistant", "content": text},
+            unsafe=unsafe,
+        )
+
+    @torch.inference_mode()
+    def generate_stream(
+        self,
+        prompt_tokens: List[int],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        *,
+        top_k: Optional[int] = None,
+        seed: Optional[int] = None,
+    ) -> Iterator[int]:
+        """Yield the token ids `generate` would produce for one prompt, one at a time,
+        as soon as each is sampled."""
+        (prompt_tokens,) = check_prompts(self.args, self.tokenizer, [prompt_tokens])
+        max_gen_len = self.default_max_gen_len(max_gen_len)
+        check_sampling(temperature, top_p, top_k, max_gen_len, seed)
+        eos_id = self.tokenizer.eos_id
+        # (1, total_len), no padding
+        tokens, pad, prompt_end = batch_layout(
+            [prompt_tokens], max_gen_len, self.args.max_seq_len, self.device
+        )
+        for _, cur_pos, _ in decode_steps(
+            self.model, tokens, pad, prompt_end, eos_id, temperature, top_p, top_k,
+            self._generator(seed),
+        ):  # fmt: skip
+            token = tokens[0, cur_pos].item()
+            if token == eos_id:
+                return
+            yield token
+
+    def stream(
+        self,
+        prompt: Union[str, Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        *,
+        top_k: Optional[int] = None,
+        seed: Optional[int] = None,
+    ) -> Iterator[str]:
+        """Yield the completion of a text prompt (a str) or the answer to a dialog (a
+        list of messages) piece by piece (`stream_text`: the section on streaming)."""
+        max_gen_len = self.default_max_gen_len(max_gen_len)
+        if isinstance(prompt, str):
+            prompt_tokens = self.encode_prompt(prompt)
+        else:
+            prompt_tokens = self.encode_dialog(prompt)
+            if self.is_unsafe(prompt):
+                yield UNSAFE_ERROR
+                return
+        yield from stream_text(
+            self.tokenizer,
+            self.generate_stream(
+                prompt_tokens, max_gen_len, temperature, top_p, top_k=top_k, seed=seed
+            ),
+        )
+
+    def _generate_all(
+        self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo=False, **kw
+    ):
+        """`generate` on any number of prompts: `max_batch_size` at a time (chunk k
+        seeded with seed + k)."""
+        size, seed = self.args.max_batch_size, kw.pop("seed", None)
+        seed = None if seed is None else check_seed(seed)  # before seed + k
+        out_tokens, out_logprobs = [], []
+        for k in range(0, max(len(prompt_tokens), 1), size):
+            toks, probs = self.generate(
+                prompt_tokens[k : k + size], max_gen_len, temperature, top_p,
+                logprobs, echo, seed=None if seed is None else seed + k // size, **kw,
+            )  # fmt: skip
+            out_tokens += toks
+            out_logprobs += probs or []
+        return out_tokens, out_logprobs if logprobs else None
+
     def _generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
-        """A fresh generator for a call's `seed`; else this object's own (seeded once);
-        else None (torch's global RNG)."""
+        """A fresh generator for a call's `seed`; else this object's own (seeded
+        once); else None (torch's global RNG)."""
         if seed is not None:
             return torch.Generator(self.device).manual_seed(seed)
         if self.seed is not None and self.generator is None:
             self.generator = torch.Generator(self.device).manual_seed(self.seed)
         return self.generator
 
-    def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]]) -> List[List[int]]:
-        """The prompts as lists of ints (ids may be numpy integers or 0-d tensors), or
-        an error naming the first problem."""
-        params = self.model.params
-        one_id = lambda t: isinstance(t, (str, numbers.Integral)) or (
-            getattr(t, "ndim", None) == 0
-        )
-        if isinstance(prompt_tokens, str) or any(map(one_id, prompt_tokens)):
-            raise InputTypeError(
-                "prompt_tokens must be a list of prompts, each a list of token ids:"
-                " write generate([ids])."
-            )
-        if not len(prompt_tokens):
-            raise InputError("No prompts: pass a list with at least one prompt.")
-        if len(prompt_tokens) > params.max_batch_size:
-            raise InputError(
-                f"{len(prompt_tokens)} prompts are more than"
-                f" max_batch_size={params.max_batch_size}: pass fewer prompts at once,"
-                " or load the model with a larger max_batch_size."
-            )
-        prompts = []
-        for i, t in enumerate(prompt_tokens):
-            if len(t) == 0:
-                raise InputError(
-                    f"Prompt {i} is empty (no tokens): give the model at least one"
-                    " token to continue."
-                )
-            if len(t) > params.max_seq_len:
-                raise InputError(
-                    f"Prompt {i} has {len(t)} tokens, more than"
-                    f" max_seq_len={params.max_seq_len}: shorten it, or load the model"
-                    " with a larger max_seq_len."
-                )
-            # every id a row of the embedding
-            prompts.append(self.tokenizer.check_ids(t))
-        return prompts
+    def default_max_gen_len(self, max_gen_len: Optional[int]) -> int:
+        """Meta's default when `max_gen_len` is None: as many tokens as the KV cache
+        holds after one prompt token."""
+        return self.args.max_seq_len - 1 if max_gen_len is None else max_gen_len
 
-# %% ../notebooks/09_generation.ipynb #a9c3e1d2
-def _batch(self: Llama, prompt_tokens: List[List[int]], max_gen_len: int):
-    """The batch layout: prompts right-aligned in `tokens` (bsz, total_len), all ending
-    at `prompt_end`, the longest prompt's length; `pad` (bsz, total_len) is True at the
-    left padding of shorter prompts (or None)."""
-    device = self.device
-    prompt_lens = torch.tensor([len(t) for t in prompt_tokens], device=device)  # (bsz,)
-    prompt_end = int(prompt_lens.max())
-    total_len = min(self.model.params.max_seq_len, max_gen_len + prompt_end)
-    tokens = torch.zeros(
-        (len(prompt_tokens), total_len), dtype=torch.long, device=device
-    )
-    for k, t in enumerate(prompt_tokens):
-        tokens[k, prompt_end - len(t) : prompt_end] = torch.tensor(
-            t, dtype=torch.long, device=device
-        )
-    # (bsz, total_len)
-    pad = torch.arange(total_len, device=device) < (prompt_end - prompt_lens)[:, None]
-    return tokens, (pad if bool(pad.any()) else None), prompt_end
+    def encode_prompt(self, prompt: str) -> List[int]:
+        """A text prompt's token ids, with a BOS token if the model expects one (Llama
+        2: yes; the embedded model: no)."""
+        return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False)
 
+    def encode_dialog(self, dialog: Dialog) -> List[int]:
+        "A dialog's token ids, in the checkpoint's chat format."
+        return dialog_tokens(self.tokenizer, dialog)
 
-def _prefill(self: Llama, tokens, pad, prompt_end, all_logits=False):
-    """The prefill: the prompts' keys and values into the caches, and their logits,
-    (bsz, prompt_end, vocab_size), or (bsz, 1, vocab_size) of the last position only
-    unless `all_logits`. One forward pass over the batch, except for prompts of
-    different lengths when only the last logits are needed: then one pass per prompt
-    over its own tokens, so that padding costs nothing (chapter 10)."""
-    if pad is None or all_logits:
-        return self.model.forward(
-            tokens[:, :prompt_end],
-            0,
-            last_only=not all_logits,
-            pad=None if pad is None else pad[:, :prompt_end],
-        )
-    logits = []
-    # each prompt in row 0 of the caches, then copied to its own row; the last first
-    for k in reversed(range(tokens.shape[0])):
-        first = int(pad[k, :prompt_end].sum())  # where prompt k starts
-        logits.append(
-            self.model.forward(
-                tokens[k : k + 1, first:prompt_end],
-                first,
-                pad=pad[k : k + 1, :prompt_end],
-                last_only=True,
-            )
-        )
-        if k > 0:
-            for layer in self.model.layers:
-                layer.attention.cache.copy_row(0, k, prompt_end)
-    # (bsz, 1, vocab_size)
-    return torch.cat(logits[::-1])
-
-
-def _decode_steps(
-    self: Llama,
-    tokens,
-    pad,
-    prompt_end,
-    temperature,
-    top_p,
-    top_k,
-    generator,
-    all_logits=False,
-    ignore_eos=False,
-):
-    """The decoding loop: the prefill, then one position per step, filling `tokens` in
-    place; yield `(prev_pos, cur_pos, logits)` after each step (the logits of positions
-    prev_pos .., of the last one only unless `all_logits`), until every sequence has
-    produced EOS (unless `ignore_eos`) or `tokens` is full."""
-    if prompt_end == tokens.shape[1]:
-        return  # no room to generate
-    eos_reached = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-    # (bsz, prompt_end or 1, vocab_size)
-    logits = self._prefill(tokens, pad, prompt_end, all_logits)
-    prev_pos = 0
-    for cur_pos in range(prompt_end, tokens.shape[1]):
-        # (bsz,)
-        next_token = sample_next(logits[:, -1], temperature, top_p, top_k, generator)
-        tokens[:, cur_pos] = next_token
-        eos_reached |= next_token == self.tokenizer.eos_id
-        yield prev_pos, cur_pos, logits
-        if cur_pos + 1 == tokens.shape[1] or (not ignore_eos and eos_reached.all()):
-            break
-        prev_pos = cur_pos
-        # (bsz, 1, vocab_size): the new token's
-        logits = self.model.forward(
-            tokens[:, cur_pos : cur_pos + 1],
-            cur_pos,
-            pad=None if pad is None else pad[:, : cur_pos + 1],
-        )
-
-
-Llama._batch = _batch
-Llama._prefill = _prefill
-Llama._decode_steps = _decode_steps
-
-# %% ../notebooks/09_generation.ipynb #b8d4f2e3
-@torch.inference_mode()
-def _generate(
-    self: Llama,
-    prompt_tokens: List[List[int]],
-    max_gen_len: int,
-    temperature: float = 0.6,
-    top_p: float = 0.9,
-    logprobs: bool = False,
-    echo: bool = False,
-    *,
-    top_k: Optional[int] = None,
-    seed: Optional[int] = None,
-    ignore_eos: bool = False
-) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
-    """Meta's batched decoding loop: continue each prompt (a list of token ids) until
-    EOS or `max_gen_len` tokens
-    (exactly `max_gen_len`, EOS included, with `ignore_eos=True`, as benchmarks want).
-    """
-    prompt_tokens = self._check_prompts(prompt_tokens)
-    max_gen_len = self.default_max_gen_len(max_gen_len)  # None: as for text_completion
-    check_sampling(temperature, top_p, top_k, max_gen_len, seed)
-    eos_id = self.tokenizer.eos_id
-    tokens, pad, prompt_end = self._batch(prompt_tokens, max_gen_len)
-    token_logprobs = (
-        torch.zeros(tokens.shape, dtype=torch.float, device=tokens.device)
-        if logprobs
-        else None
-    )
-
-    # nothing to generate: score the prompts
-    if prompt_end == tokens.shape[1] and logprobs:
-        logits = self.model.forward(tokens, 0, pad=pad)
-        token_logprobs[:, 1:] = -F.cross_entropy(
-            logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none"
-        )
-    steps = self._decode_steps(
-        tokens,
-        pad,
-        prompt_end,
-        temperature,
-        top_p,
-        top_k,
-        self._generator(seed),
-        all_logits=logprobs,
-        ignore_eos=ignore_eos,
-    )
-    for prev_pos, cur_pos, logits in steps:
-        # logits at positions prev_pos.. predict the tokens at prev_pos + 1..
-        if logprobs:
-            token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
-                logits.transpose(1, 2),
-                tokens[:, prev_pos + 1 : cur_pos + 1],
-                reduction="none",
-            )
-
-    out_tokens, out_logprobs = [], []
-    token_logprobs = token_logprobs.tolist() if logprobs else None
-    for i, toks in enumerate(tokens.tolist()):
-        # where this prompt starts, after its padding
-        first = prompt_end - len(prompt_tokens[i])
-        start = first if echo else prompt_end
-        toks = toks[start : prompt_end + max_gen_len]  # cut to max_gen_len
-        probs = (
-            token_logprobs[i][start : prompt_end + max_gen_len] if logprobs else None
-        )
-        if logprobs and echo:
-            # the first token of a sequence has no log-probability: 0, as in Meta's code
-            probs[0] = 0.0
-        generated = toks[prompt_end - start :]
-        # cut at the first EOS the model wrote (not in the prompt)
-        if eos_id in generated and not ignore_eos:
-            end = prompt_end - start + generated.index(eos_id)
-            toks, probs = toks[:end], probs[:end] if logprobs else None
-        out_tokens.append(toks)
-        out_logprobs.append(probs)
-    return out_tokens, out_logprobs if logprobs else None
-
-
-Llama.generate = _generate
-
-# %% ../notebooks/09_generation.ipynb #c7e5a3f4
-def _generate_all(
-    self: Llama,
-    prompt_tokens,
-    max_gen_len,
-    temperature,
-    top_p,
-    logprobs,
-    echo=False,
-    **kw
-):
-    """`generate` on any number of prompts: `max_batch_size` at a time (chunk k seeded
-    with seed + k)."""
-    size, seed = self.model.params.max_batch_size, kw.pop("seed", None)
-    seed = None if seed is None else check_seed(seed)  # before seed + k
-    out_tokens, out_logprobs = [], []
-    for k in range(0, max(len(prompt_tokens), 1), size):
-        toks, probs = self.generate(
-            prompt_tokens[k : k + size],
-            max_gen_len,
-            temperature,
-            top_p,
-            logprobs,
-            echo,
-            seed=None if seed is None else seed + k // size,
-            **kw
-        )
-        out_tokens += toks
-        out_logprobs += probs or []
-    return out_tokens, out_logprobs if logprobs else None
-
-
-def _default_max_gen_len(self: Llama, max_gen_len: Optional[int]) -> int:
-    """Meta's default when `max_gen_len` is None: as many tokens as the KV cache holds
-    after one prompt token."""
-    return self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
-
-
-def _encode_prompt(self: Llama, prompt: str) -> List[int]:
-    """A text prompt's token ids, with a BOS token if the model expects one (Llama 2:
-    yes; the embedded model: no)."""
-    return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False)
-
-
-def _encode_dialog(self: Llama, dialog: Dialog) -> List[int]:
-    """A dialog's token ids in the checkpoint's chat format: its own Jinja template if
-    it has one, else Llama 2's."""
-    template = getattr(self.tokenizer, "chat_template", None)
-    if not template:
-        return llama2_chat_tokens(self.tokenizer, dialog)
-    tok = self.tokenizer
-    text = render_chat_template(
-        template,
-        check_dialog(dialog),
-        bos_token=tok.id_to_piece(tok.bos_id),
-        eos_token=tok.id_to_piece(tok.eos_id),
-        source=tok.source or "the tokenizer",
-    )
-    # the template writes the special tokens (<s>, <|im_start|>) as text
-    return tok.encode_markup(text)
-
-
-def _is_unsafe(self: Llama, dialog: Dialog) -> bool:
-    """True if a message smuggles in chat markup: Llama 2's tags, or the tokenizer's
-    special tokens with a template."""
-    tags = SPECIAL_TAGS
-    # [INST] stays markup for Llama 2's own template
-    if getattr(self.tokenizer, "chat_template", None):
-        tags = SPECIAL_TAGS + [
-            piece for piece in self.tokenizer.special_tokens if piece
-        ]
-    return any(tag in msg["content"] for tag in tags for msg in check_dialog(dialog))
-
-
-def _predictions(
-    self: Llama,
-    generation_tokens,
-    generation_logprobs,
-    wrap=lambda text: text,
-    unsafe=None,
-):
-    unsafe = unsafe or [False] * len(generation_tokens)
-    out = []
-    for i, t in enumerate(generation_tokens):
-        pred = {
-            "generation": wrap(UNSAFE_ERROR if unsafe[i] else self.tokenizer.decode(t))
-        }
-        if generation_logprobs is not None:
-            # in context: SentencePiece keeps its spaces
-            pred["tokens"] = self.tokenizer.token_texts(t)
-            pred["logprobs"] = generation_logprobs[i]
-        out.append(pred)
-    return out
-
-
-Llama._generate_all = _generate_all
-Llama.default_max_gen_len = _default_max_gen_len
-Llama.encode_prompt = _encode_prompt
-Llama.encode_dialog = _encode_dialog
-Llama.is_unsafe = _is_unsafe
-Llama._predictions = _predictions
-
-# %% ../notebooks/09_generation.ipynb #d6f6b4a5
-def _text_completion(
-    self: Llama,
-    prompts: List[str],
-    temperature: float = 0.6,
-    top_p: float = 0.9,
-    max_gen_len: Optional[int] = None,
-    logprobs: bool = False,
-    echo: bool = False,
-    *,
-    top_k: Optional[int] = None,
-    seed: Optional[int] = None,
-    ignore_eos: bool = False,
-) -> List[CompletionPrediction]:
-    """Meta's `text_completion`: continue each prompt (any number: `max_batch_size` at a
-    time); one dict per prompt."""
-    if isinstance(prompts, str) or not isinstance(prompts, Iterable):
-        raise InputTypeError(
-            "prompts must be a list of strings: write text_completion([prompt])."
-        )
-    prompts = list(prompts)  # a generator is read once, here
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise InputTypeError(
-                f"prompts[{i}] is {prompt!r}: each prompt must be a str."
-            )
-    max_gen_len = self.default_max_gen_len(max_gen_len)
-    prompt_tokens = [self.encode_prompt(x) for x in prompts]
-    generation_tokens, generation_logprobs = self._generate_all(
-        prompt_tokens,
-        max_gen_len,
-        temperature,
-        top_p,
-        logprobs,
-        echo,
-        top_k=top_k,
-        seed=seed,
-        ignore_eos=ignore_eos,
-    )
-    return self._predictions(generation_tokens, generation_logprobs)
-
-
-def _chat_completion(
-    self: Llama,
-    dialogs: List[Dialog],
-    temperature: float = 0.6,
-    top_p: float = 0.9,
-    max_gen_len: Optional[int] = None,
-    logprobs: bool = False,
-    *,
-    top_k: Optional[int] = None,
-    seed: Optional[int] = None,
-) -> List[ChatPrediction]:
-    """Meta's `chat_completion`: the assistant's next message for each dialog (any
-    number), in its chat format."""
-    if not isinstance(dialogs, (dict, str)) and isinstance(dialogs, Iterable):
-        dialogs = list(dialogs)  # a generator is read once, here
-    if not isinstance(dialogs, list) or (dialogs and isinstance(dialogs[0], dict)):
-        raise InputTypeError(
-            "dialogs must be a list of dialogs, each a list of messages: "
-            "write chat_completion([dialog])."
-        )
-    max_gen_len = self.default_max_gen_len(max_gen_len)
-    prompt_tokens = [self.encode_dialog(dialog) for dialog in dialogs]
-    unsafe = [self.is_unsafe(dialog) for dialog in dialogs]
-    generation_tokens, generation_logprobs = self._generate_all(
-        prompt_tokens, max_gen_len, temperature, top_p, logprobs, top_k=top_k, seed=seed
-    )
-    return self._predictions(
-        generation_tokens,
-        generation_logprobs,
-        unsafe=unsafe,
-        wrap=lambda text: {"role": "assistant", "content": text},
-    )
-
-
-Llama.text_completion = _text_completion
-Llama.chat_completion = _chat_completion
+    def is_unsafe(self, dialog: Dialog) -> bool:
+        "True if a message smuggles in chat markup (Meta answers UNSAFE_ERROR)."
+        return has_markup(self.tokenizer, dialog)
 
 # %% ../notebooks/09_generation.ipynb #e8b0bb5c
-@torch.inference_mode()
-def _generate_stream(
-    self: Llama,
-    prompt_tokens: List[int],
-    max_gen_len: int,
-    temperature: float = 0.6,
-    top_p: float = 0.9,
-    *,
-    top_k: Optional[int] = None,
-    seed: Optional[int] = None
-) -> Iterator[int]:
-    """Yield the token ids `generate` would produce for one prompt, one at a time, as
-    soon as each is sampled."""
-    (prompt_tokens,) = self._check_prompts([prompt_tokens])
-    max_gen_len = self.default_max_gen_len(max_gen_len)
-    check_sampling(temperature, top_p, top_k, max_gen_len, seed)
-    # (1, total_len), no padding
-    tokens, pad, prompt_end = self._batch([prompt_tokens], max_gen_len)
-    for _, cur_pos, _ in self._decode_steps(
-        tokens, pad, prompt_end, temperature, top_p, top_k, self._generator(seed)
-    ):
-        token = tokens[0, cur_pos].item()
-        if token == self.tokenizer.eos_id:
-            return
-        yield token
-
-
-Llama.generate_stream = _generate_stream
-
-
 def stream_text(tokenizer: Tokenizer, token_ids: Iterator[int]) -> Iterator[str]:
     """Turn a stream of token ids into a stream of text whose concatenation is
     `tokenizer.decode(all ids)`. Text is released only once it is final: never half a
@@ -877,34 +873,3 @@ def stream_text(tokenizer: Tokenizer, token_ids: Iterator[int]) -> Iterator[str]
     ]
     if rest:
         yield rest
-
-
-def _stream(
-    self: Llama,
-    prompt: Union[str, Dialog],
-    temperature: float = 0.6,
-    top_p: float = 0.9,
-    max_gen_len: Optional[int] = None,
-    *,
-    top_k: Optional[int] = None,
-    seed: Optional[int] = None
-) -> Iterator[str]:
-    """Yield the completion of a text prompt (a str) or the answer to a dialog (a list
-    of messages) piece by piece."""
-    max_gen_len = self.default_max_gen_len(max_gen_len)
-    if isinstance(prompt, str):
-        prompt_tokens = self.encode_prompt(prompt)
-    else:
-        prompt_tokens = self.encode_dialog(prompt)
-        if self.is_unsafe(prompt):
-            yield UNSAFE_ERROR
-            return
-    yield from stream_text(
-        self.tokenizer,
-        self.generate_stream(
-            prompt_tokens, max_gen_len, temperature, top_p, top_k=top_k, seed=seed
-        ),
-    )
-
-
-Llama.stream = _stream

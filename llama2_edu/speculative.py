@@ -16,8 +16,8 @@ from .model_file import InputError
 
 # %% auto #0
 __all__ = ['BATCH_REFUSED', 'accept_greedy', 'sampling_probs', 'accept_sampled', 'DraftLength', 'Draft', 'PromptLookup',
-           'DraftModel', 'VocabularyMismatch', 'check_vocabulary', 'as_draft', 'bind', 'speculative_steps', 'Llama',
-           'chi_square_pvalue', 'parse_speculate']
+           'DraftModel', 'VocabularyMismatch', 'check_vocabulary', 'as_draft', 'bind', 'speculative_steps', 'check_one',
+           'prompt_logprobs', 'Llama', 'chi_square_pvalue', 'parse_speculate']
 
 # %% ../notebooks/11_more_than_one_token.ipynb #e7300f92
 def accept_greedy(logits: torch.Tensor, draft: List[int]) -> List[int]:
@@ -345,7 +345,7 @@ def speculative_steps(
         # start + len(new), where the first rejected position is overwritten
         draft.update(tokens, len(guess), len(new) - 1)
 
-# %% ../notebooks/11_more_than_one_token.ipynb #a9b77f62
+# %% ../notebooks/11_more_than_one_token.ipynb #75b7f9cb
 BATCH_REFUSED = (
     "speculate= decodes one sequence at a time: the rows of a batch accept different"
     " numbers of tokens per step, while a forward pass takes one start_pos for the"
@@ -354,6 +354,22 @@ BATCH_REFUSED = (
 )
 
 
+def check_one(llama: generation.Llama, prompt_tokens) -> List[List[int]]:
+    "Chapter 9's checks of the prompts, and exactly one prompt."
+    prompts = generation.check_prompts(llama.args, llama.tokenizer, prompt_tokens)
+    if len(prompts) > 1:
+        raise InputError(BATCH_REFUSED)
+    return prompts
+
+
+def prompt_logprobs(model, prompt: List[int]) -> List[float]:
+    "The log-probabilities of a prompt's tokens (the first one: 0), as echo shows them."
+    x = torch.tensor([prompt], device=model.tok_embeddings.weight.device)
+    logits = model.forward(x, 0)[0]  # (seqlen, vocab_size)
+    scores = -F.cross_entropy(logits[:-1], x[0, 1:], reduction="none")
+    return [0.0] + scores.tolist()
+
+# %% ../notebooks/11_more_than_one_token.ipynb #e1dd7d60
 class Llama(generation.Llama):
     """Chapter 9's Llama, whose `generate`, `text_completion`, `chat_completion`,
     `generate_stream` and `stream` also take `speculate=` (a Draft, 'lookup' or a
@@ -371,6 +387,76 @@ class Llama(generation.Llama):
         "The same model, tokenizer and seed, with `speculate=` (e.g. `wrap(load())`)."
         return Llama(llama.model, llama.tokenizer, seed=llama.seed)
 
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: Optional[int],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+        *,
+        top_k: Optional[int] = None,
+        seed: Optional[int] = None,
+        ignore_eos: bool = False,
+        speculate=None,
+    ):
+        """Chapter 9's `generate`; with `speculate`, one prompt decoded by drafting and
+        verifying. Same arguments, same results."""
+        if speculate is None:
+            return super().generate(
+                prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
+                top_k=top_k, seed=seed, ignore_eos=ignore_eos,
+            )  # fmt: skip
+        draft = bind(as_draft(speculate), self)
+        (prompt,) = check_one(self, prompt_tokens)
+        max_gen_len = self.default_max_gen_len(max_gen_len)
+        generation.check_sampling(temperature, top_p, top_k, max_gen_len, seed)
+        steps = speculative_steps(
+            self.model, prompt, max_gen_len, draft, temperature, top_p, top_k,
+            self._generator(seed), stop=None if ignore_eos else self.tokenizer.eos_id,
+        )  # fmt: skip
+        out, scores = [], []
+        for new, logits in steps:
+            out += new
+            if logprobs:  # the raw logits' log-probabilities, as chapter 9's
+                scores += -F.cross_entropy(
+                    logits, torch.tensor(new, device=logits.device), reduction="none"
+                )
+        if out and out[-1] == self.tokenizer.eos_id and not ignore_eos:
+            out, scores = out[:-1], scores[:-1]  # chapter 9 drops the EOS
+        if echo:
+            out = prompt + out
+            if logprobs:
+                scores = prompt_logprobs(self.model, prompt) + scores
+        return [out], ([[float(s) for s in scores]] if logprobs else None)
+
+    @torch.inference_mode()
+    def generate_stream(
+        self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, *, top_k=None,
+        seed=None, speculate=None,
+    ):  # fmt: skip
+        """Chapter 9's `generate_stream`; with a draft, the tokens of each step come
+        out as soon as the target has accepted them."""
+        speculate = speculate if speculate is not None else self._speculate
+        if speculate is None:
+            yield from super().generate_stream(
+                prompt_tokens, max_gen_len, temperature, top_p, top_k=top_k, seed=seed
+            )
+            return
+        draft = bind(as_draft(speculate), self)
+        (prompt,) = check_one(self, [prompt_tokens])
+        max_gen_len = self.default_max_gen_len(max_gen_len)
+        generation.check_sampling(temperature, top_p, top_k, max_gen_len, seed)
+        eos = self.tokenizer.eos_id
+        for new, _ in speculative_steps(
+            self.model, prompt, max_gen_len, draft, temperature, top_p, top_k,
+            self._generator(seed), stop=eos,
+        ):  # fmt: skip
+            yield from (t for t in new if t != eos)
+
+    # the text methods: chapter 9's, with the call's draft in `_speculate`
     @contextlib.contextmanager
     def speculating(self, speculate):
         previous, self._speculate = self._speculate, speculate
@@ -391,124 +477,27 @@ class Llama(generation.Llama):
         with self.speculating(speculate):
             yield from super().stream(prompt, *args, **kw)
 
-# %% ../notebooks/11_more_than_one_token.ipynb #21f21882
-def _generate_all(self: Llama, prompt_tokens, max_gen_len, *args, seed=None, **kw):
-    """Chapter 9's, or with a draft: the prompts one at a time (prompt i seeded seed +
-    i)."""
-    if self._speculate is None:
-        return super(Llama, self)._generate_all(
-            prompt_tokens, max_gen_len, *args, seed=seed, **kw
-        )
-    seed = None if seed is None else check_seed(seed)
-    out_tokens, out_logprobs = [], []
-    for i, prompt in enumerate(prompt_tokens):
-        toks, probs = self.generate(
-            [prompt],
-            max_gen_len,
-            *args,
-            seed=None if seed is None else seed + i,
-            speculate=self._speculate,
-            **kw,
-        )
-        out_tokens += toks
-        out_logprobs += probs or []
-    return out_tokens, out_logprobs if out_logprobs else None
-
-
-Llama._generate_all = _generate_all
-
-# %% ../notebooks/11_more_than_one_token.ipynb #268fcf67
-@torch.inference_mode()
-def _generate(
-    self: Llama,
-    prompt_tokens: List[List[int]],
-    max_gen_len: Optional[int],
-    temperature: float = 0.6,
-    top_p: float = 0.9,
-    logprobs: bool = False,
-    echo: bool = False,
-    *,
-    top_k: Optional[int] = None,
-    seed: Optional[int] = None,
-    ignore_eos: bool = False,
-    speculate=None,
-):
-    """Chapter 9's `generate`; with `speculate`, one prompt decoded by drafting and
-    verifying. Same arguments, same results."""
-    if speculate is None:
-        return super(Llama, self).generate(
-            prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
-            top_k=top_k, seed=seed, ignore_eos=ignore_eos,
-        )  # fmt: skip
-    draft = bind(as_draft(speculate), self)
-    (prompt,) = self._check_one(prompt_tokens)
-    max_gen_len = self.default_max_gen_len(max_gen_len)
-    generation.check_sampling(temperature, top_p, top_k, max_gen_len, seed)
-    steps = speculative_steps(
-        self.model, prompt, max_gen_len, draft, temperature, top_p, top_k,
-        self._generator(seed), stop=None if ignore_eos else self.tokenizer.eos_id,
-    )  # fmt: skip
-    out, scores = [], []
-    for new, logits in steps:
-        out += new
-        if logprobs:  # the raw logits' log-probabilities, as chapter 9's
-            scores += -F.cross_entropy(
-                logits, torch.tensor(new, device=logits.device), reduction="none"
+    def _generate_all(self, prompt_tokens, max_gen_len, *args, seed=None, **kw):
+        """Chapter 9's, or with a draft: the prompts one at a time (prompt i seeded
+        seed + i)."""
+        if self._speculate is None:
+            return super()._generate_all(
+                prompt_tokens, max_gen_len, *args, seed=seed, **kw
             )
-    if out and out[-1] == self.tokenizer.eos_id and not ignore_eos:
-        out, scores = out[:-1], scores[:-1]  # chapter 9 drops the EOS
-    if echo:
-        out = prompt + out
-        if logprobs:
-            scores = self.prompt_logprobs(prompt) + scores
-    return [out], ([[float(s) for s in scores]] if logprobs else None)
-
-
-Llama.generate = _generate
-
-# %% ../notebooks/11_more_than_one_token.ipynb #ce412098
-def _check_one(self: Llama, prompt_tokens) -> List[List[int]]:
-    "Chapter 9's checks of the prompts, and exactly one prompt."
-    prompts = self._check_prompts(prompt_tokens)
-    if len(prompts) > 1:
-        raise InputError(BATCH_REFUSED)
-    return prompts
-
-
-def _prompt_logprobs(self: Llama, prompt: List[int]) -> List[float]:
-    "The log-probabilities of a prompt's tokens (the first one: 0), as echo shows them."
-    x = torch.tensor([prompt], device=self.device)
-    logits = self.model.forward(x, 0)[0]  # (seqlen, vocab_size)
-    scores = -F.cross_entropy(logits[:-1], x[0, 1:], reduction="none")
-    return [0.0] + scores.tolist()
-
-
-@torch.inference_mode()
-def _generate_stream(self: Llama, prompt_tokens, max_gen_len, temperature=0.6,
-                     top_p=0.9, *, top_k=None, seed=None, speculate=None):  # fmt: skip
-    """Chapter 9's `generate_stream`; with a draft, the tokens of each step come out
-    as soon as the target has accepted them."""
-    speculate = speculate if speculate is not None else self._speculate
-    if speculate is None:
-        yield from super(Llama, self).generate_stream(
-            prompt_tokens, max_gen_len, temperature, top_p, top_k=top_k, seed=seed
-        )
-        return
-    draft = bind(as_draft(speculate), self)
-    (prompt,) = self._check_one([prompt_tokens])
-    max_gen_len = self.default_max_gen_len(max_gen_len)
-    generation.check_sampling(temperature, top_p, top_k, max_gen_len, seed)
-    eos = self.tokenizer.eos_id
-    for new, _ in speculative_steps(
-        self.model, prompt, max_gen_len, draft, temperature, top_p, top_k,
-        self._generator(seed), stop=eos,
-    ):  # fmt: skip
-        yield from (t for t in new if t != eos)
-
-
-Llama._check_one = _check_one
-Llama.prompt_logprobs = _prompt_logprobs
-Llama.generate_stream = _generate_stream
+        seed = None if seed is None else check_seed(seed)
+        out_tokens, out_logprobs = [], []
+        for i, prompt in enumerate(prompt_tokens):
+            toks, probs = self.generate(
+                [prompt],
+                max_gen_len,
+                *args,
+                seed=None if seed is None else seed + i,
+                speculate=self._speculate,
+                **kw,
+            )
+            out_tokens += toks
+            out_logprobs += probs or []
+        return out_tokens, out_logprobs if out_logprobs else None
 
 # %% ../notebooks/11_more_than_one_token.ipynb #a990cdf6
 def chi_square_pvalue(counts: dict, probs: dict, n: int) -> float:

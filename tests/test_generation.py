@@ -6,7 +6,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from llama2_edu.generation import (UNSAFE_ERROR, Llama, llama2_chat_tokens, sample_next, sample_top_p,
+from llama2_edu.generation import (UNSAFE_ERROR, Llama, llama2_chat_tokens, predictions, sample_next, sample_top_p,
                                    stream_text)
 from llama2_edu.tokenizer import FRENCH_PROMPT, SentencePieceTokenizer, tokenizer_from_gguf
 
@@ -202,7 +202,7 @@ def test_templated_sentencepiece_chat_rejects_llama2_tags(sp_tokenizer):
 
 def test_per_token_strings_keep_sentencepiece_spaces(sp_tokenizer):
     ids = sp_tokenizer.encode("What is 2 plus 3? It is 5.", bos=False, eos=False)
-    (pred,) = Llama(None, sp_tokenizer)._predictions([ids], [[0.0] * len(ids)])
+    (pred,) = predictions(sp_tokenizer, [ids], [[0.0] * len(ids)])
     assert "".join(pred["tokens"]) == pred["generation"] == "What is 2 plus 3? It is 5."
 
 

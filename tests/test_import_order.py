@@ -1,6 +1,9 @@
 """Reading order is import order: the module a chapter exports, and the chapter's notebook cells, import only
 llama2_edu modules of the same chapter or earlier ones, and no two modules import each other.
 
+Methods belong in their class: no module attaches a function to a class after defining it
+(`Llama.generate = _generate`); a later chapter that adds methods subclasses instead.
+
 Everything is derived from the files: a module's chapter is the `NN` of the notebook `notebooks/NN_*.ipynb`
 that exports it (`#| default_exp NAME`, `#| export NAME`, `#| exports NAME`), and imports are read with `ast`
 (top level and inside functions; relative, absolute, and names taken from the package root through
@@ -164,6 +167,36 @@ def notebook_violations(nb: Path, chapters: dict, modules, exports: dict) -> lis
     return problems
 
 
+def attached_methods(tree: ast.AST, where: str) -> list:
+    """Module-level statements that set an attribute of a class of the module, or of one it imports:
+    `Cls.name = ...`, `Cls.name += ...`, `setattr(Cls, ...)`, also inside `if`/`try` blocks."""
+    classes = {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            classes |= {(a.asname or a.name).split(".")[0] for a in node.names if a.name[:1].isupper()}
+    problems = []
+
+    def statements(body):
+        for stmt in body:
+            if isinstance(stmt, (ast.If, ast.Try, ast.With)):
+                for block in ("body", "orelse", "finalbody", "handlers"):
+                    for part in getattr(stmt, block, []):
+                        yield from statements(part.body if isinstance(part, ast.ExceptHandler) else [part])
+            else:
+                yield stmt
+
+    for stmt in statements(tree.body):
+        targets = (stmt.targets if isinstance(stmt, ast.Assign)
+                   else [stmt.target] if isinstance(stmt, (ast.AugAssign, ast.AnnAssign)) else [])
+        if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call) \
+                and getattr(stmt.value.func, "id", None) == "setattr" and stmt.value.args:
+            targets = [ast.Attribute(value=stmt.value.args[0], attr="?")]
+        for t in targets:
+            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in classes:
+                problems.append(f"{where}:{stmt.lineno} attaches {t.value.id}.{t.attr} after the class")
+    return problems
+
+
 def report(what: str, problems: list) -> str:
     return f"{len(problems)} {what}:\n" + "\n".join(problems)
 
@@ -216,6 +249,14 @@ def test_notebooks_import_only_their_own_or_earlier_chapters():
     assert not problems, report("notebook imports of a later chapter", problems)
 
 
+def test_methods_are_defined_in_their_class():
+    problems = []
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        problems += attached_methods(tree, path.relative_to(ROOT).as_posix())
+    assert not problems, report("methods attached to a class after its definition", problems)
+
+
 # --- the checker itself -------------------------------------------------------------------------------------------
 
 def test_the_checker_finds_every_kind_of_violation(tmp_path):
@@ -263,3 +304,16 @@ def test_the_checker_finds_every_kind_of_violation(tmp_path):
 
     twice = notebook("07_twice.ipynb", "#| default_exp twice", "#| export early\nv = 3")
     assert {m: len(n) for m, n in module_sources([early, late, twice]).items() if len(n) > 1} == {"early": 2}
+
+
+def test_the_method_checker_finds_attached_methods():
+    tree = ast.parse("from .generation import Llama\n"
+                     "class Cache:\n    def update(self):\n        self.x = 1\n"
+                     "def _generate(self):\n    pass\n"
+                     "Llama.generate = _generate\n"
+                     "if True:\n    Cache.copy_row = lambda self: None\n"
+                     "setattr(Cache, 'allocate', None)\n"
+                     "options = object()\noptions.verbose = True\n")
+    assert attached_methods(tree, "m.py") == ["m.py:7 attaches Llama.generate after the class",
+                                              "m.py:9 attaches Cache.copy_row after the class",
+                                              "m.py:10 attaches Cache.? after the class"]

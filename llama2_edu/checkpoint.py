@@ -2,14 +2,14 @@
 
 # %% auto #0
 __all__ = ['FLOAT_DTYPES', 'DEFAULT_MAX_SEQ_LEN', 'DEFAULT_MAX_BATCH_SIZE', 'MAX_WEIGHT', 'META_SPLIT_DIM', 'META_IGNORED',
-           'HF_TO_META', 'HF_CONFIG_KEYS', 'HUB_ID', 'LLAMA2_7B', 'default_device', 'supports_bf16', 'default_dtype',
-           'check_device', 'check_dtype', 'check_sizes', 'fit_context', 'available_memory', 'check_memory',
-           'check_gguf_types', 'gguf_version', 'check_tokenizer', 'about', 'read_gguf_model', 'load_gguf',
-           'meta_split_dim', 'args_from_params', 'check_shards', 'open_shard', 'check_same_tensors', 'copy_slice',
-           'meta_layer', 'meta_state_dict', 'find_tokenizer', 'read_json', 'read_meta_model', 'load_meta',
-           'hf_to_meta_name', 'args_from_hf_config', 'hf_weight_files', 'read_hf_file', 'permute_from_hf_in_place',
-           'hf_state_dict', 'read_hf_model', 'load_hf', 'download_from_hub', 'checkpoint_layout', 'checkpoint_path',
-           'load_checkpoint', 'hub_token', 'pick_checkpoint']
+           'HF_TO_META', 'HF_CONFIG_KEYS', 'HUB_ID', 'LLAMA2_7B', 'CHECKPOINT_VARIABLE', 'default_device',
+           'supports_bf16', 'default_dtype', 'check_device', 'check_dtype', 'check_sizes', 'fit_context',
+           'available_memory', 'check_memory', 'check_gguf_types', 'gguf_version', 'check_tokenizer', 'about',
+           'read_gguf_model', 'load_gguf', 'meta_split_dim', 'args_from_params', 'check_shards', 'open_shard',
+           'check_same_tensors', 'copy_slice', 'meta_layer', 'meta_state_dict', 'find_tokenizer', 'read_json',
+           'read_meta_model', 'load_meta', 'hf_to_meta_name', 'args_from_hf_config', 'hf_weight_files', 'read_hf_file',
+           'permute_from_hf_in_place', 'hf_state_dict', 'read_hf_model', 'load_hf', 'download_from_hub',
+           'checkpoint_layout', 'checkpoint_path', 'load_checkpoint', 'hub_token', 'hub_access', 'pick_checkpoint']
 
 # %% ../notebooks/08_loading_weights.ipynb #dde10dd9
 import contextlib
@@ -1008,6 +1008,8 @@ def load_checkpoint(
 
 # %% ../notebooks/08_loading_weights.ipynb #b5787973
 LLAMA2_7B = "meta-llama/Llama-2-7b-hf"
+# where the Llama 2 cells of this book find weights you already have
+CHECKPOINT_VARIABLE = "LLAMA2_EDU_CHECKPOINT"
 
 
 def hub_token() -> Optional[str]:
@@ -1020,11 +1022,46 @@ def hub_token() -> Optional[str]:
     return get_token()
 
 
-def pick_checkpoint(repo_id: str = LLAMA2_7B) -> Tuple[Optional[str], str]:
-    """`(repo_id, why)` when this machine can run Llama 2 (a CUDA GPU and a Hugging Face
-    token), else `(None, why not)`."""
+def hub_access(repo_id: str) -> Optional[str]:
+    """None if this machine's token may read `repo_id` on the hub, else why not and
+    what to do. Asks the hub about the repository only: nothing is downloaded."""
+    page = f"https://huggingface.co/{repo_id}"
+    if hub_token() is None:
+        return (
+            "no Hugging Face token here: store yours as the Colab secret HF_TOKEN (or"
+            " log in with the cell below), then run the cell again"
+        )
+    from huggingface_hub import auth_check
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        auth_check(repo_id)
+    except GatedRepoError:
+        return (
+            f"your Hugging Face token may not read {repo_id} yet: accept Meta's licence"
+            f" on {page} with the account that owns the token, wait for the e-mail"
+            " that grants access, then run the cell again"
+        )
+    except RepositoryNotFoundError:
+        return f"no repository {repo_id} that your token can see: check the id"
+    except Exception as e:  # no network, a revoked token, ...
+        return f"the hub could not check {repo_id} ({type(e).__name__}: {e})"
+    return None
+
+
+def pick_checkpoint(source: Optional[str] = None) -> Tuple[Optional[str], str]:
+    """What the Llama 2 cells run: `(source, why)`, or `(None, why not)`. `source`
+    (default: the LLAMA2_EDU_CHECKPOINT variable, else Llama 2 7B on the hub) is a
+    local checkpoint, taken as it is, or a hub id, taken on a CUDA GPU with a token
+    that may read it."""
+    source = source or os.environ.get(CHECKPOINT_VARIABLE) or LLAMA2_7B
+    if Path(source).expanduser().exists():
+        return source, f"the local checkpoint {source}"
+    if not HUB_ID.match(source):
+        return None, f"no checkpoint at {source}"
     if not torch.cuda.is_available():
         return None, "no CUDA GPU here"
-    if hub_token() is None:
-        return None, "no Hugging Face token here (set HF_TOKEN, or log in below)"
-    return repo_id, f"{torch.cuda.get_device_name()} and a Hugging Face token"
+    why_not = hub_access(source)
+    if why_not is not None:
+        return None, why_not
+    return source, f"{torch.cuda.get_device_name()} and a token that may read it"

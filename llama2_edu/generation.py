@@ -575,16 +575,21 @@ def predictions(
     generation_logprobs,
     wrap=lambda text: text,
     unsafe=None,
+    contexts=None,
 ) -> list:
     """Meta's prediction dicts: each generation decoded (or UNSAFE_ERROR), wrapped as
-    a message for chat, with its tokens and log-probabilities if there are any."""
+    a message for chat, with its tokens and log-probabilities if there are any. With
+    `contexts` (the prompts' ids), each generation is decoded as it reads after its
+    prompt, so that `prompt + generation` is the text the model wrote."""
     unsafe = unsafe or [False] * len(generation_tokens)
+    contexts = contexts or [[]] * len(generation_tokens)
     out = []
     for i, t in enumerate(generation_tokens):
-        pred = {"generation": wrap(UNSAFE_ERROR if unsafe[i] else tokenizer.decode(t))}
+        text = tokenizer.decode_after(contexts[i], t)
+        pred = {"generation": wrap(UNSAFE_ERROR if unsafe[i] else text)}
         if generation_logprobs is not None:
-            # in context: SentencePiece keeps its spaces
-            pred["tokens"] = tokenizer.token_texts(t)
+            # read in place: SentencePiece keeps its spaces
+            pred["tokens"] = tokenizer.token_texts(t, contexts[i])
             pred["logprobs"] = generation_logprobs[i]
         out.append(pred)
     return out
@@ -720,7 +725,12 @@ class Llama:
             prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
             top_k=top_k, seed=seed, ignore_eos=ignore_eos,
         )  # fmt: skip
-        return predictions(self.tokenizer, generation_tokens, generation_logprobs)
+        return predictions(
+            self.tokenizer,
+            generation_tokens,
+            generation_logprobs,
+            contexts=None if echo else prompt_tokens,
+        )
 
     def chat_completion(
         self,
@@ -806,6 +816,8 @@ class Llama:
             self.generate_stream(
                 prompt_tokens, max_gen_len, temperature, top_p, top_k=top_k, seed=seed
             ),
+            # a completion reads on from its prompt, an answer starts afresh
+            context=prompt_tokens if isinstance(prompt, str) else (),
         )
 
     def _generate_all(
@@ -853,14 +865,16 @@ class Llama:
         return has_markup(self.tokenizer, dialog)
 
 # %% ../notebooks/09_generation.ipynb #e8b0bb5c
-def stream_text(tokenizer: Tokenizer, token_ids: Iterator[int]) -> Iterator[str]:
+def stream_text(
+    tokenizer: Tokenizer, token_ids: Iterator[int], context: List[int] = ()
+) -> Iterator[str]:
     """Turn a stream of token ids into a stream of text whose concatenation is
-    `tokenizer.decode(all ids)`. Text is released only once it is final: never half a
-    UTF-8 character (U+FFFD), and always decoded together with the token before it, so
-    SentencePiece's leading spaces come out right."""
-    ids: List[int] = []
+    `tokenizer.decode_after(context, all ids)`. Text is released only once it is
+    final: never half a UTF-8 character (U+FFFD), and always decoded together with the
+    token before it, so SentencePiece's leading spaces come out right."""
+    ids: List[int] = list(context)
     # decode ids[prefix_offset:], of which ids[prefix_offset:read_offset] is out
-    prefix_offset = read_offset = 0
+    prefix_offset, read_offset = 0, len(ids)
     for token in token_ids:
         ids.append(token)
         prefix_text = tokenizer.decode(ids[prefix_offset:read_offset])

@@ -158,15 +158,23 @@ class Tokenizer:
             )
         return ids
 
-    def token_texts(self, t: list[int]) -> list[str]:
-        """The text each token adds, read in context, so that the pieces join to
-        `decode(t)` (decoded alone, a
-        SentencePiece token loses its leading space). Half a UTF-8 character waits
-        for the token that ends it.
+    def decode_after(self, context: list[int], t: list[int]) -> str:
+        """The text the tokens `t` add after the tokens `context`, as it reads in
+        place: `decode(context + t)` less `decode(context)`. Decoded alone, a
+        SentencePiece continuation loses the space of its first token (`▁from` ->
+        "from"); after its prompt, it keeps it (" from")."""
+        context = list(context)
+        return self.decode(context + list(t))[len(self.decode(context)) :]
+
+    def token_texts(self, t: list[int], context: list[int] = ()) -> list[str]:
+        """The text each token of `t` adds, read in place after `context`, so that the
+        pieces join to `decode_after(context, t)` (`decode(t)` when there is no
+        context). Half a UTF-8 character waits for the token that ends it.
         """
-        texts, done = [], ""
+        context = list(context)
+        texts, done = [], self.decode(context)
         for i in range(len(t)):
-            text = self.decode(t[: i + 1])
+            text = self.decode(context + t[: i + 1])
             if i < len(t) - 1:
                 text = text.rstrip("\ufffd")  # an unfinished character: not final yet
             new = text[len(done) :] if text.startswith(done) else ""

@@ -182,3 +182,50 @@ def write_gguf(path: Path, state_dict: dict, args, tokenizer_model: Path, qtype=
     writer.write_tensors_to_file()
     writer.close()
     return Path(path)
+
+
+# A checkpoint whose answer is known: Llama 2's real tokenizer, tiny sizes, and a hand-written bigram table
+
+def fromage_state_dict(args, tokenizer, seed: int = 0) -> dict:
+    """Weights (Meta's names and row order) whose greedy completion of FRENCH_PROMPT is ' fromage', then a new
+    line and EOS, by construction. Every block's `wo` and `w2` are tiny (std 0.005), so the residual stream stays
+    close to the current token's embedding and the logits are, up to a small perturbation, a bigram table:
+    output @ norm(embedding). The table is written by hand: the prompt's last token ('▁=>') -> '▁from' -> 'age'
+    -> '\\n' -> '</s>', and ']' (the end of a chat prompt's [/INST]) -> '▁from'. Each chain token's embedding is
+    a basis vector, so its next token's logit is 16 and every other logit is below 2."""
+    from llama2_edu.tokenizer import FRENCH_PROMPT
+    state = random_state_dict(args, seed)
+    prompt = tokenizer.encode(FRENCH_PROMPT, bos=True, eos=False)
+    answer = tokenizer.encode(FRENCH_PROMPT + " fromage\n", bos=True, eos=False)[len(prompt):]
+    inst_end = tokenizer.encode("[/INST]", bos=False, eos=False)[-1]
+    chain = [(prompt[-1], answer[0]), (inst_end, answer[0]), *zip(answer, answer[1:]),
+             (answer[-1], tokenizer.eos_id)]
+    g = torch.Generator().manual_seed(seed + 1)
+    for name in state:
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            state[name] = 0.005 * torch.randn(state[name].shape, generator=g)
+    emb = 0.02 * torch.randn(state["tok_embeddings.weight"].shape, generator=g)
+    out = 0.02 * torch.randn(state["output.weight"].shape, generator=g)
+    for k, (before, after) in enumerate(chain):
+        basis = torch.zeros(args.dim)
+        basis[k] = 1.0
+        emb[before] = basis
+        out[after] += 2.0 * basis  # norm(basis) is sqrt(dim) * basis: a logit of 2 * sqrt(dim) = 16
+    state["tok_embeddings.weight"], state["output.weight"] = emb, out
+    state["norm.weight"] = torch.ones(args.dim)
+    return state
+
+
+def write_fromage(folder: Path, tokenizer_model: Path) -> dict:
+    """The fromage checkpoint with Llama 2's tokenizer, in Meta's layout (`llama-2-7b/` with `tokenizer.model`
+    beside it, as Meta's download.sh writes them) and in Hugging Face's (`hf/`, written by transformers).
+    Returns {"meta": path, "hf": path, "state_dict": ..., "args": ...}."""
+    from llama2_edu.tokenizer import load_tokenizer
+    folder = Path(folder)
+    tokenizer = load_tokenizer(tokenizer_model)
+    args = tiny_args(vocab_size=tokenizer.n_words, max_seq_len=4096)  # as Llama 2 was trained
+    state = fromage_state_dict(args, tokenizer)
+    meta = write_meta(folder / "llama-2-7b", state)
+    (folder / "tokenizer.model").write_bytes(Path(tokenizer_model).read_bytes())
+    write_hf(folder / "hf", state, args, tokenizer_model=tokenizer_model)
+    return {"meta": meta, "hf": folder / "hf", "state_dict": state, "args": args}

@@ -11,7 +11,7 @@
 llama-bench: build it as benchmarks/speculate.py's docstring shows (llama.cpp from the llama-cpp-python sdist).
 
 One process, one prompt, one thread count; the contenders are interleaved (round r runs every contender once) and
-each figure is the median over the rounds. Writes benchmarks/results/decode.json and the plots next to it, which
+each figure is the median over the rounds. Writes llama2_edu/results/decode.json (package data) and the plots next to it, which
 chapter 10 reads. A script, not a test: it asserts nothing about speed.
 """
 import argparse
@@ -246,7 +246,7 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=5, help="rounds of interleaved runs (medians over them)")
     p.add_argument("--gen", type=int, default=64, help="tokens to decode per run")
     p.add_argument("--llama-bench", metavar="PATH", default=None, help="llama.cpp's llama-bench binary")
-    p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--out", type=Path, default=ROOT.parent / "llama2_edu" / "results")
     p.add_argument("--only", choices=["fusion", "kv", "compile", "layout", "overhead", "llama-bench"], default=None,
                    help="measure only this, and add it to an existing decode.json")
     a = p.parse_args(argv)

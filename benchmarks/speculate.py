@@ -25,7 +25,7 @@ prefill's pass included), which for llama-lookup is n_predict / (n_predict - n_a
 transformers' numerics write different texts from ours (the 4-bit path's near-ties go other ways), so our drafts
 are also replayed on llama-lookup's and on transformers' greedy text (greedy speculation is plain greedy, so a
 draft's passes on a known continuation can be counted without the model): draft against draft, on the same
-tokens. Writes benchmarks/results/speculate.json and speculate.png, which chapter 11 reads.
+tokens. Writes llama2_edu/results/speculate.json and speculate.png (package data), which chapter 11 reads.
 A script, not a test: it asserts nothing about speed.
 """
 import argparse
@@ -178,7 +178,7 @@ def main(argv=None):
     p.add_argument("--n-draft", type=int, default=8, help="the longest draft")
     p.add_argument("--llama-lookup", metavar="PATH", default=None, help="llama.cpp's llama-lookup binary")
     p.add_argument("--no-transformers", action="store_true")
-    p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--out", type=Path, default=ROOT.parent / "llama2_edu" / "results")
     p.add_argument("--only-cost", action="store_true",
                    help="measure only the forward-pass cost (--runs rounds), into an existing speculate.json")
     a = p.parse_args(argv)

@@ -38,9 +38,18 @@ def test_every_notebook_starts_with_a_title_and_the_same_setup_cell():
         assert first["cell_type"] == "markdown" and source(first).startswith("# "), f"{nb.name}: no title cell"
         assert second["cell_type"] == "code", f"{nb.name}: the setup cell must follow the title"
         setups[nb.name] = source(second)
+    # chapter 14 runs Llama 2 alone: it installs the package with the hub extra, not the book's
+    payoff = setups.pop("14_llama2_on_a_gpu.ipynb")
     assert len(set(setups.values())) == 1, f"setup cells differ: {sorted(setups)}"
     setup = next(iter(setups.values()))
+    assert payoff == setup.replace("llama2-edu[book]", "llama2-edu[hub]") != setup
     assert "google.colab" in setup and f"git+{repo_url}" in setup, "the setup cell must install from _config.yml's repository.url"
+
+
+def test_the_payoff_asks_colab_for_a_gpu():
+    "Chapter 14's launch button opens a T4 runtime (Colab reads the notebook's metadata)."
+    meta = json.loads((ROOT / "notebooks" / "14_llama2_on_a_gpu.ipynb").read_text())["metadata"]
+    assert meta["accelerator"] == "GPU" and meta["colab"]["gpuType"] == "T4"
 
 
 def test_every_notebook_has_stored_outputs():
@@ -69,3 +78,18 @@ def test_nbval_markers_are_cell_tags_not_comments():
                 assert not marked, f"{nb.name} cell {i}: {marked[0]!r}: use the tag nbval-skip / nbval-ignore-output"
                 if "nbval-skip" in tags(c):
                     assert "skip-execution" in tags(c), f"{nb.name} cell {i}: nbval-skip without skip-execution"
+
+
+def test_notebooks_need_no_file_outside_themselves():
+    """Colab opens a notebook alone: no cell reads a path above the notebook's folder, and chapter 7's figure is
+    embedded (a data URI of book/images/llama2_architecture.svg, the file tools/draw_architecture.py writes)."""
+    import base64
+    for nb in NOTEBOOKS:
+        for i, c in enumerate(cells(nb)):
+            # links to other chapters and book pages are fine; files read or shown are not
+            text = re.sub(r"\]\(\.\./book/[\w.]+\.md\)", "]()", source(c))
+            outside = re.search(r"\.\./(benchmarks|book|tests|tools|llama2_edu|_static)/", text)
+            assert not outside, f"{nb.name} cell {i} needs {outside[0]}…, a file outside the notebook"
+    svg = (ROOT / "book" / "images" / "llama2_architecture.svg").read_bytes()
+    chapter7 = "".join(source(c) for c in cells(ROOT / "notebooks" / "07_transformer.ipynb"))
+    assert "data:image/svg+xml;base64," + base64.b64encode(svg).decode() in chapter7

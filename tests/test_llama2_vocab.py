@@ -95,7 +95,7 @@ def test_tiny_gguf_checkpoint_with_llama2_vocab(vocab_path, tmp_path):
     for _ in range(4):  # greedy by hand: the argmax of a full forward pass, token after token
         ids.append(int(llama.model(torch.tensor([ids]), 0)[0, -1].argmax()))
     assert generated == ids[len(prompt):][:len(generated)] and len(generated) >= 1
-    assert out["generation"] == llama.tokenizer.decode(generated)
+    assert out["generation"] == llama.tokenizer.decode_after(prompt, generated)
     assert "".join(out["tokens"]) == out["generation"]  # per-token strings keep SentencePiece's spaces
 
 

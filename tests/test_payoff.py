@@ -102,8 +102,8 @@ def run_cli(*args):
                           timeout=600)
 
 
-@pytest.mark.parametrize("layout,extra", [("meta", "--stream"), ("hf", "--no-stream"),
-                                          ("hf", "--speculate=lookup")])
+@pytest.mark.parametrize("layout,extra", [("meta", "--stream"), ("meta", "--no-stream"), ("hf", "--stream"),
+                                          ("hf", "--no-stream"), ("hf", "--speculate=lookup")])
 def test_cli_echo_prints_the_text_the_model_wrote(fromage, layout, extra, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text(FRENCH_PROMPT, encoding="utf-8")
@@ -157,16 +157,17 @@ def test_chapter_13_cell_answers_fromage(fromage, monkeypatch, capsys):
     assert out.endswith("\n" + FRENCH_PROMPT + " fromage\n\n")
 
 
-def test_chapter_14_runs_llama2_on_the_fixture(fromage, monkeypatch, tmp_path):
+@pytest.mark.parametrize("layout", ["meta", "hf"])
+def test_chapter_14_runs_llama2_on_the_fixture(fromage, layout, monkeypatch, tmp_path):
     "Chapter 14, every cell, in a copy: it calls the fixture's answer the expected one (on its ids)."
     from nbclient import NotebookClient
-    monkeypatch.setenv(CHECKPOINT_VARIABLE, str(fromage["hf"]))
+    monkeypatch.setenv(CHECKPOINT_VARIABLE, str(fromage[layout]))
     nb = nbformat.read(ROOT / "notebooks" / "14_llama2_on_a_gpu.ipynb", as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert f"Llama 2 from {fromage['hf']}" in text
+    assert f"Llama 2 from {fromage[layout]}" in text
     assert "cheese => fromage\n" in text
-    assert f"{fromage['hf']}: ' fromage' is the expected ' fromage' [515, 482]" in text
+    assert f"{fromage[layout]}: ' fromage' is the expected ' fromage' [515, 482]" in text
 
 
 def test_no_stored_output_looks_like_a_llama2_run():

@@ -82,7 +82,7 @@ def test_nbval_markers_are_cell_tags_not_comments():
 
 def test_notebooks_need_no_file_outside_themselves():
     """Colab opens a notebook alone: no cell reads a path above the notebook's folder, and chapter 7's figure is
-    embedded (a data URI of book/images/llama2_architecture.svg, the file tools/draw_architecture.py writes)."""
+    embedded (a data URI of book/images/llama2_architecture.png, which tools/draw_architecture.py writes)."""
     import base64
     for nb in NOTEBOOKS:
         for i, c in enumerate(cells(nb)):
@@ -90,6 +90,6 @@ def test_notebooks_need_no_file_outside_themselves():
             text = re.sub(r"\]\(\.\./book/[\w.]+\.md\)", "]()", source(c))
             outside = re.search(r"\.\./(benchmarks|book|tests|tools|llama2_edu|_static)/", text)
             assert not outside, f"{nb.name} cell {i} needs {outside[0]}…, a file outside the notebook"
-    svg = (ROOT / "book" / "images" / "llama2_architecture.svg").read_bytes()
+    png = (ROOT / "book" / "images" / "llama2_architecture.png").read_bytes()
     chapter7 = "".join(source(c) for c in cells(ROOT / "notebooks" / "07_transformer.ipynb"))
-    assert "data:image/svg+xml;base64," + base64.b64encode(svg).decode() in chapter7
+    assert "data:image/png;base64," + base64.b64encode(png).decode() in chapter7

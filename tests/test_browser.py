@@ -118,7 +118,8 @@ MEASURE = r"""() => {
   clone.querySelectorAll('pre, code, script, style, mjx-container, .highlight').forEach(e => e.remove());
   const text = clone.textContent;
   const rawTex = [];
-  for (const pattern of ['\\(', '\\)', '\\[', '\\]', '$$', '\\begin{', '\\frac']) {
+  // '![' : a Markdown image the parser refused (a data URI of a type it does not allow, say) stays text
+  for (const pattern of ['\\(', '\\)', '\\[', '\\]', '$$', '\\begin{', '\\frac', '![']) {
     const i = text.indexOf(pattern);
     if (i >= 0) rawTex.push(text.slice(Math.max(0, i - 40), i + 40).replace(/\s+/g, ' '));
   }
@@ -187,7 +188,7 @@ def test_page_reads_offline(site, browser, page):
     problems += [f"request outside localhost: {u}" for u in blocked]
     problems += [f"failed request: {u}" for u in failed if u.split(" (")[0] not in blocked]
     problems += [f"JavaScript error: {e}" for e in errors if not any(u in e for u in blocked)]
-    problems += [f"raw TeX in the text: ...{t}..." for t in got["rawTex"]]
+    problems += [f"raw TeX or Markdown in the text: ...{t}..." for t in got["rawTex"]]
     problems += [f"formula not rendered by MathJax: {t}" for t in got["unrendered"]]
     problems += [f"image did not load: {s}" for s in got["images"]]
     problems += [f"broken link: {b}" for b in _broken_links(html, html / _html_name(page), got["links"])]

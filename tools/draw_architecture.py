@@ -1,4 +1,6 @@
-"Draw the book's architecture figure: book/images/llama2_architecture.svg. Run: python tools/draw_architecture.py"
+"""Draw the book's architecture figure: book/images/llama2_architecture.svg, and a PNG of it that chapter 7 embeds
+(a notebook opened alone in Colab cannot reach the book's images). Run: python tools/draw_architecture.py, then
+paste the PNG into chapter 7 as a data URI (tests/test_book.py checks that they are the same)."""
 from pathlib import Path
 
 import matplotlib
@@ -75,4 +77,5 @@ arrow(ax, X, 12.43, X, 12.95)
 box(ax, X, 13.3, 3.0, 0.6, "logits → next token", "plain")
 ax.set_title("Llama 2, as built in this book (Meta's module names)", fontsize=14)
 fig.savefig(OUT.with_suffix(".svg"), bbox_inches="tight")
-print("wrote", OUT.with_suffix(".svg"))
+fig.savefig(OUT.with_suffix(".png"), bbox_inches="tight", dpi=110, metadata={"Software": None})
+print("wrote", OUT.with_suffix(".svg"), "and", OUT.with_suffix(".png"))

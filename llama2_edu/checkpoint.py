@@ -17,6 +17,7 @@ import json
 import math
 import mmap
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Optional, Tuple
@@ -45,6 +46,7 @@ from llama2_edu.model_file import (
     open_gguf,
 )
 from .rope import permute_from_hf
+from .tokenizer import user_path
 
 # %% ../notebooks/08_loading_weights.ipynb #06fb8ad3
 def default_device() -> torch.device:
@@ -468,7 +470,20 @@ def open_shard(path: Path) -> dict:
     none of the weights."""
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # a text file, a truncated zip, a pickle of something else
+    except pickle.UnpicklingError:  # weights_only refused an object that is no tensor
+        raise CheckpointError(
+            f"{path} holds Python objects besides tensors, which a pickle runs code to"
+            " rebuild: this loader reads tensors only. Use the model's safetensors or"
+            " Meta's original consolidated.NN.pth files, or convert this one with a"
+            " tool you trust."
+        ) from None
+    except Exception as e:  # a legacy file, a text file, a truncated zip
+        if "_use_new_zipfile_serialization" in str(e):
+            raise CheckpointError(
+                f"{path} is in PyTorch's legacy format (before 1.6), which cannot be"
+                " memory-mapped: save it again with a recent PyTorch (torch.save's"
+                " default format), or use the model's safetensors files."
+            ) from None
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}): it is damaged or truncated; "
@@ -933,8 +948,8 @@ def download_from_hub(repo_id: str) -> Path:
 # %% ../notebooks/08_loading_weights.ipynb #8467f95e
 def checkpoint_layout(path: Path) -> str:
     "'gguf', 'meta' or 'hf': which of the three layouts `path` holds."
-    if path.is_file():
-        with open(path, "rb") as f:
+    if not path.is_dir():  # a file, which must be a regular one (not /dev/zero)
+        with open(check_file(path, "checkpoint"), "rb") as f:
             if f.read(4) == b"GGUF":
                 return "gguf"
         raise CheckpointError(
@@ -964,7 +979,7 @@ def checkpoint_path(source) -> Path:
         raise InputError(
             f"Cannot load a checkpoint from {source!r}: pass a path, a hub id, or None."
         )
-    path = Path(source).expanduser()
+    path = user_path(source, "checkpoint")
     if path.exists():  # local first
         return path
     missing = (
@@ -1055,7 +1070,7 @@ def pick_checkpoint(source: Optional[str] = None) -> Tuple[Optional[str], str]:
     local checkpoint, taken as it is, or a hub id, taken on a CUDA GPU with a token
     that may read it."""
     source = source or os.environ.get(CHECKPOINT_VARIABLE) or LLAMA2_7B
-    if Path(source).expanduser().exists():
+    if user_path(source, "checkpoint").exists():
         return source, f"the local checkpoint {source}"
     if not HUB_ID.match(source):
         return None, f"no checkpoint at {source}"

@@ -6,10 +6,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import multiprocessing
 import numbers
 import os
-import sys
-import time
 from collections.abc import Iterable
 from typing import Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict, Union
 
@@ -28,12 +27,12 @@ from llama2_edu.model_file import (
 from .tokenizer import Tokenizer
 
 # %% auto #0
-__all__ = ['Role', 'Dialog', 'B_INST', 'E_INST', 'B_SYS', 'E_SYS', 'SPECIAL_TAGS', 'UNSAFE_ERROR', 'TEMPLATE_CHARS',
-           'TEMPLATE_MEMORY', 'TEMPLATE_SECONDS', 'sample_top_p', 'top_k_logits', 'check_sampling', 'check_seed',
-           'sample_next', 'batch_layout', 'prefill', 'decode_steps', 'Message', 'CompletionPrediction',
+__all__ = ['MIN_TEMPERATURE', 'Role', 'Dialog', 'B_INST', 'E_INST', 'B_SYS', 'E_SYS', 'SPECIAL_TAGS', 'UNSAFE_ERROR',
+           'TEMPLATE_CHARS', 'TEMPLATE_MEMORY', 'TEMPLATE_SECONDS', 'sample_top_p', 'top_k_logits', 'check_sampling',
+           'check_seed', 'sample_next', 'batch_layout', 'prefill', 'decode_steps', 'Message', 'CompletionPrediction',
            'ChatPrediction', 'check_dialog', 'llama2_chat_tokens', 'TemplateBoundError', 'template_environment',
-           'bounded', 'render_chat_template', 'check_one_process', 'check_prompts', 'check_text_prompts',
-           'check_dialogs', 'dialog_tokens', 'has_markup', 'predictions', 'Llama', 'stream_text']
+           'render_in_worker', 'render_chat_template', 'env_int', 'world_size', 'check_one_process', 'check_prompts',
+           'check_text_prompts', 'check_dialogs', 'dialog_tokens', 'has_markup', 'predictions', 'Llama', 'stream_text']
 
 # %% ../notebooks/09_generation.ipynb #b5b6c304
 def sample_top_p(
@@ -63,6 +62,9 @@ def top_k_logits(logits: torch.Tensor, k: Optional[int]) -> torch.Tensor:
     return logits.masked_fill(logits < kth_best, float("-inf"))
 
 # %% ../notebooks/09_generation.ipynb #3b3989d1
+MIN_TEMPERATURE = 1e-6  # the smallest positive temperature logits are divided by
+
+
 def check_sampling(
     temperature: float,
     top_p: float,
@@ -76,6 +78,11 @@ def check_sampling(
         raise InputError(
             f"temperature={temperature!r} is invalid: use a number >= 0 (0 means greedy"
             " decoding)."
+        )
+    if 0 < temperature < MIN_TEMPERATURE:  # logits / temperature would overflow
+        raise InputError(
+            f"temperature={temperature!r} is too small to divide the logits by (below"
+            f" {MIN_TEMPERATURE:g}): use 0 for greedy decoding, which it amounts to."
         )
     if not (real(top_p) and 0 < top_p <= 1):
         raise InputError(
@@ -377,43 +384,53 @@ def template_environment():
     return env
 
 
-@contextlib.contextmanager
-def bounded(seconds: float, memory: int):
-    """Run the block with a deadline, checked at every line of a template's compiled
-    code (a trace function on those frames only: a loop that prints nothing is stopped
-    too), and, where `resource` exists, at most `memory` more bytes of address space
-    (RLIMIT_AS, restored after: a runaway string ends in MemoryError, not in the
-    kernel's OOM killer)."""
-    deadline = time.monotonic() + seconds
+def render_in_worker(render, seconds: float, memory: int) -> str:
+    """`render()` in a forked child process, which this process kills after `seconds`
+    of wall-clock time, whatever the child is doing (a huge integer division, a filter
+    written in Python); the child alone limits its address space to `memory` more bytes
+    (RLIMIT_AS). Nothing of this process changes: no limit, no trace function, no
+    signal handler. Where fork is not available, `render()` runs here, bounded only by
+    the sandbox's own limits."""
+    try:
+        context = multiprocessing.get_context("fork")
+    except ValueError:  # Windows
+        return render()
+    receive, send = context.Pipe(duplex=False)
 
-    def line(frame, event, arg):
-        if time.monotonic() > deadline:
+    def child():
+        try:
+            with contextlib.suppress(ImportError, OSError, ValueError):
+                import resource
+
+                with open("/proc/self/statm") as f:  # pages of address space in use
+                    in_use = int(f.read().split()[0]) * resource.getpagesize()
+                hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+                resource.setrlimit(resource.RLIMIT_AS, (in_use + memory, hard))
+            send.send(("text", render()))
+        except InputError as e:  # the template's own raise_exception
+            send.send(("refused", str(e)))
+        except BaseException as e:  # TemplateError, MemoryError, RecursionError, ...
+            reason = "out of memory" if isinstance(e, MemoryError) else e
+            send.send(("failed", f"{type(e).__name__}: {reason}"))
+
+    worker = context.Process(target=child, daemon=True)
+    worker.start()
+    send.close()
+    try:
+        if not receive.poll(seconds):
             raise TemplateBoundError(f"it ran for more than {seconds:g} s")
-        return line
-
-    tracer = lambda frame, event, arg: (
-        line if frame.f_code.co_filename == "<template>" else None
-    )
-    previous_trace, limit = sys.gettrace(), None
-    try:
-        import resource
-
-        with open("/proc/self/statm") as f:  # pages of address space in use
-            in_use = int(f.read().split()[0]) * resource.getpagesize()
-        limit = resource.getrlimit(resource.RLIMIT_AS)
-        soft = in_use + memory
-        if limit[0] != resource.RLIM_INFINITY:
-            soft = min(soft, limit[0])
-        resource.setrlimit(resource.RLIMIT_AS, (soft, limit[1]))
-    except (ImportError, OSError, ValueError):
-        limit = None  # no RLIMIT_AS here: the other bounds still hold
-    sys.settrace(tracer)
-    try:
-        yield
+        kind, value = receive.recv()
+    except EOFError:  # the child died without a word (killed for its memory)
+        kind, value = "failed", "its process died (out of memory?)"
     finally:
-        sys.settrace(previous_trace)
-        if limit is not None:
-            resource.setrlimit(resource.RLIMIT_AS, limit)
+        worker.kill()
+        worker.join()
+        receive.close()
+    if kind == "refused":
+        raise InputError(value)
+    if kind == "failed":
+        raise TemplateBoundError(value)
+    return value
 
 
 def render_chat_template(
@@ -425,49 +442,70 @@ def render_chat_template(
     source: str = "the tokenizer",
 ) -> str:
     """Render a Jinja chat template (as stored in GGUF and Hugging Face tokenizers) for
-    `dialog`, within the bounds above. Any failure, from a syntax error to a template
-    that loops for ever, is a CheckpointError naming `source` (the file it came from);
-    the template's own `raise_exception` is an InputError."""
-    text = []
-    try:
-        with bounded(TEMPLATE_SECONDS, TEMPLATE_MEMORY):
-            chunks = (
-                template_environment()
-                .from_string(template)
-                .generate(
-                    messages=list(dialog),
-                    bos_token=bos_token,
-                    eos_token=eos_token,
-                    add_generation_prompt=add_generation_prompt,
-                )
+    `dialog`, within the bounds above, in a worker process (`render_in_worker`). Any
+    failure, from a syntax error to a template that loops for ever, is a
+    CheckpointError naming `source` (the file it came from); the template's own
+    `raise_exception` is an InputError."""
+    environment = template_environment()  # built here, once: each child inherits it
+
+    def render():
+        chunks = (
+            environment.from_string(template)
+            .generate(
+                messages=list(dialog),
+                bos_token=bos_token,
+                eos_token=eos_token,
+                add_generation_prompt=add_generation_prompt,
             )
-            n = 0
-            for chunk in chunks:  # an output budget, counted as it is produced
-                n += len(chunk)
-                if n > TEMPLATE_CHARS:
-                    raise TemplateBoundError(
-                        f"it wrote more than {TEMPLATE_CHARS:,} characters"
-                    )
-                text.append(chunk)
+        )
+        text, n = [], 0
+        for chunk in chunks:  # an output budget, counted as it is produced
+            n += len(chunk)
+            if n > TEMPLATE_CHARS:
+                raise TemplateBoundError(
+                    f"it wrote more than {TEMPLATE_CHARS:,} characters"
+                )
+            text.append(chunk)
+        return "".join(text)
+
+    try:
+        return render_in_worker(render, TEMPLATE_SECONDS, TEMPLATE_MEMORY)
     except InputError:
         raise
-    except Exception as e:  # TemplateError, RecursionError, MemoryError, ...
-        reason = "out of memory" if isinstance(e, MemoryError) else e
+    except Exception as e:  # TemplateBoundError, or a failure where fork is missing
+        reason = e if isinstance(e, TemplateBoundError) else f"{type(e).__name__}: {e}"
         raise CheckpointError(
             f"The chat template of {source} (tokenizer.chat_template) cannot be"
-            f" rendered: {type(e).__name__}: {reason}. Drop --chat (or call"
-            " text_completion) to continue plain text, or use a file with a working"
-            " template."
+            f" rendered: {reason}. Drop --chat (or call text_completion) to continue"
+            " plain text, or use a file with a working template."
         ) from None
-    return "".join(text)
 
 # %% ../notebooks/09_generation.ipynb #0d96f43e
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    """The integer environment variable `name` (torchrun sets WORLD_SIZE, RANK and
+    LOCAL_RANK for each process), or an InputError naming it."""
+    value = os.environ.get(name, "").strip() or str(default)
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise InputError(
+            f"The environment variable {name}={value!r} is not an integer >= {minimum}:"
+            " torchrun sets it for each process it starts; unset it to run in one"
+            " process."
+        )
+    return number
+
+
+def world_size() -> int:
+    "How many processes torchrun started (1 without torchrun)."
+    return env_int("WORLD_SIZE", 1, minimum=1)
+
+
 def check_one_process(model_parallel_size: Optional[int]):
     "Refuse a model-parallel build: this chapter's `Llama.build` holds the whole model."
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or model_parallel_size not in (
-        None,
-        1,
-    ):
+    if world_size() > 1 or model_parallel_size not in (None, 1):
         raise InputError(
             "This Llama.build holds the whole model in one process: under torchrun,"
             " use llama2_edu.Llama.build or llama2_edu.load, which load each"
@@ -548,13 +586,23 @@ def dialog_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         return llama2_chat_tokens(tokenizer, dialog)
+    # a tokenizer without a BOS or EOS token (id -1) has no text for it
+    piece = lambda i: tokenizer.id_to_piece(i) if i >= 0 else ""
+    source = tokenizer.source or "the tokenizer"
     text = render_chat_template(
         template,
         check_dialog(dialog),
-        bos_token=tokenizer.id_to_piece(tokenizer.bos_id),
-        eos_token=tokenizer.id_to_piece(tokenizer.eos_id),
-        source=tokenizer.source or "the tokenizer",
+        bos_token=piece(tokenizer.bos_id),
+        eos_token=piece(tokenizer.eos_id),
+        source=source,
     )
+    if not text:
+        raise CheckpointError(
+            f"The chat template of {source} (tokenizer.chat_template) wrote nothing"
+            " for this dialog, so there is no prompt to answer: use a file with a"
+            " working template, or drop --chat (call text_completion) to continue"
+            " plain text."
+        )
     # the template writes the special tokens (<s>, <|im_start|>) as text
     return tokenizer.encode_markup(text)
 
@@ -662,6 +710,20 @@ class Llama:
         prompt_tokens = check_prompts(self.args, self.tokenizer, prompt_tokens)
         max_gen_len = self.default_max_gen_len(max_gen_len)
         check_sampling(temperature, top_p, top_k, max_gen_len, seed)
+        lengths = sorted({len(t) for t in prompt_tokens})
+        if len(lengths) > 1 and lengths[-1] + max_gen_len > self.args.max_seq_len:
+            # right-aligned behind the longest, a shorter prompt would get fewer new
+            # tokens than alone: run the prompts of each length as a batch of its own
+            out = [None] * len(prompt_tokens), [None] * len(prompt_tokens)
+            for n in lengths:
+                rows = [i for i, t in enumerate(prompt_tokens) if len(t) == n]
+                toks, probs = self.generate(
+                    [prompt_tokens[i] for i in rows], max_gen_len, temperature, top_p,
+                    logprobs, echo, top_k=top_k, seed=seed, ignore_eos=ignore_eos,
+                )  # fmt: skip
+                for j, i in enumerate(rows):
+                    out[0][i], out[1][i] = toks[j], probs[j] if logprobs else None
+            return out[0], out[1] if logprobs else None
         eos_id = self.tokenizer.eos_id
         tokens, pad, prompt_end = batch_layout(
             prompt_tokens, max_gen_len, self.args.max_seq_len, self.device

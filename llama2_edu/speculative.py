@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
+import numbers
 from typing import Iterator, List, Optional, Tuple
 
 import torch
@@ -12,12 +15,13 @@ import torch.nn.functional as F
 from . import generation
 from .checkpoint import load_checkpoint
 from .generation import check_seed, sample_next, top_k_logits
-from .model_file import InputError
+from .model_file import InputError, InputTypeError
+from .tokenizer import check_int
 
 # %% auto #0
 __all__ = ['BATCH_REFUSED', 'accept_greedy', 'sampling_probs', 'accept_sampled', 'DraftLength', 'Draft', 'PromptLookup',
-           'DraftModel', 'VocabularyMismatch', 'check_vocabulary', 'as_draft', 'bind', 'speculative_steps', 'check_one',
-           'prompt_logprobs', 'Llama', 'chi_square_pvalue', 'parse_speculate']
+           'DraftModel', 'VocabularyMismatch', 'check_vocabulary', 'as_draft', 'step_bytes', 'bind',
+           'speculative_steps', 'check_one', 'prompt_logprobs', 'Llama', 'chi_square_pvalue', 'parse_speculate']
 
 # %% ../notebooks/11_more_than_one_token.ipynb #e7300f92
 def accept_greedy(logits: torch.Tensor, draft: List[int]) -> List[int]:
@@ -87,7 +91,8 @@ class DraftLength:
     acceptance rate a, drafting k tokens yields (1 - a**(k+1)) / (1 - a) tokens per
     step, for a step that costs 1 + cost * k times a plain one (`cost`: one more
     position in the verifying pass, plus a draft model's step if any); pick the k in
-    0..n_draft with the most tokens per unit of cost. The rate is a decaying count
+    0..n_draft with the most tokens per unit of cost, walking up from 0 to the gain's
+    one peak (a few steps, however large n_draft is). The rate is a decaying count
     (`decay` per verdict) with a prior of 1/2 worth `prior` tokens: when drafting
     stops, the counts fade (`idle_decay` per step) and the prior brings a probe back
     after some steps (one step in four when every probe fails, at cost 0.09)."""
@@ -104,7 +109,12 @@ class DraftLength:
     def __call__(self) -> int:
         a = min(self.rate, 0.999)
         gain = lambda k: (1 - a ** (k + 1)) / (1 - a) / (1 + self.cost * k)
-        return max(range(self.n_draft + 1), key=gain)
+        # the gain rises to one peak, then falls: once one more token does not pay
+        # for its cost, no longer draft does
+        k = 0
+        while k < self.n_draft and gain(k + 1) > gain(k):
+            k += 1
+        return k
 
     def update(self, drafted: int, accepted: int):
         """One step: `accepted` of `drafted` tokens kept. Each verdict on a token (the
@@ -124,10 +134,18 @@ class Draft:
     distributions (len(ids), vocab_size), or None if the ids were chosen
     deterministically), `length()` (how many to ask for) and `update(tokens, drafted,
     accepted)` after the target's verdict. `stats` counts steps, drafted and accepted
-    tokens since `reset()`."""
+    tokens since `reset()`. `n_draft` (the longest draft) and `cost` (a drafted
+    token's, in plain decoding steps) are checked here."""
 
     def __init__(self, n_draft: int, adaptive: bool, cost: float):
-        self.n_draft, self.adaptive, self.cost = n_draft, adaptive, cost
+        real = isinstance(cost, numbers.Real) and not isinstance(cost, bool)
+        if not (real and 0 < cost < math.inf):
+            raise InputError(
+                f"cost={cost!r} is invalid: use a number > 0, what one drafted token"
+                " costs in plain decoding steps (prompt lookup's default: 0.09)."
+            )
+        self.n_draft, self.adaptive = check_int("n_draft", n_draft), adaptive
+        self.cost = float(cost)
         self.reset()
 
     def reset(self):
@@ -157,6 +175,12 @@ class PromptLookup(Draft):
         adaptive: bool = True,
         cost: float = 0.09,
     ):
+        check_int("min_ngram", min_ngram)
+        if check_int("max_ngram", max_ngram) < min_ngram:
+            raise InputError(
+                f"max_ngram={max_ngram!r} is less than min_ngram={min_ngram!r}: use"
+                " 1 <= min_ngram <= max_ngram."
+            )
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         super().__init__(n_draft, adaptive, cost)
 
@@ -185,8 +209,9 @@ class PromptLookup(Draft):
 class DraftModel(Draft):
     """A smaller model with the target's tokenizer drafts k tokens, one at a time, with
     its own KV cache, rolled back like the target's. `llama` is a chapter 9 `Llama`
-    (its model and tokenizer); `cost` defaults to the parameters' ratio to the
-    target's, which is what a decoding step costs when memory bandwidth rules."""
+    (its model and tokenizer); `cost` defaults to the bytes of weights a step of the
+    draft reads over the target's (`step_bytes`), which is what a decoding step costs
+    when memory bandwidth rules, plus one verified position."""
 
     def __init__(
         self,
@@ -195,6 +220,11 @@ class DraftModel(Draft):
         adaptive: bool = True,
         cost: Optional[float] = None,
     ):
+        if not isinstance(llama, generation.Llama):
+            raise InputTypeError(
+                f"DraftModel drafts with a Llama, not a {type(llama).__name__}: pass a"
+                " smaller model with the target's tokenizer, e.g. Llama.build(path)."
+            )
         self.llama, self.model = llama, llama.model
         super().__init__(n_draft, adaptive, cost if cost is not None else 0.09)
         self.given_cost = cost
@@ -212,7 +242,9 @@ class DraftModel(Draft):
             return [], None
         device = self.model.tok_embeddings.weight.device
         ids, qs = [], []
-        new = tokens[self.pos :]  # what the draft has not seen yet (1 or 2 tokens)
+        # what the draft has not seen yet: the prompt, then 1 or 2 tokens (more after
+        # steps without a draft)
+        new = tokens[self.pos :]
         for i in range(k):
             start = len(tokens) + i - len(new)
             x = torch.tensor([new], device=device)
@@ -279,16 +311,28 @@ def as_draft(speculate) -> Draft:
     )
 
 
+def step_bytes(model) -> int:
+    """The bytes of weights a decoding step of a Transformer reads: its parameters and
+    buffers (where chapter 10's quantized layers keep their weights), each in its own
+    dtype, but the embedding table, of which a step reads one row, unless it is also
+    the output head (tied)."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    total = sum(t.nbytes for t in tensors)
+    if model.output is not None:  # the embedding is only looked up
+        total -= model.tok_embeddings.weight.nbytes
+    return total
+
+
 def bind(draft: Draft, target: generation.Llama) -> Draft:
     """Check that `draft` can draft for `target`, once per pair, and give a draft
-    model its default cost (its parameters' ratio to the target's, plus one verified
-    position), which the next sequence's `reset()` hands to its DraftLength."""
+    model its default cost (the bytes of weights its step reads over the target's, plus
+    one verified position), which the next sequence's `reset()` hands to its
+    DraftLength."""
     if isinstance(draft, DraftModel) and getattr(draft, "target", None) is not target:
         check_vocabulary(target, draft.llama)
         draft.target = target
         if draft.given_cost is None:
-            size = lambda m: sum(p.numel() for p in m.parameters())
-            draft.cost = 0.09 + size(draft.model) / size(target.model)
+            draft.cost = 0.09 + step_bytes(draft.model) / step_bytes(target.model)
     return draft
 
 # %% ../notebooks/11_more_than_one_token.ipynb #9faa3129
@@ -403,7 +447,12 @@ class Llama(generation.Llama):
         speculate=None,
     ):
         """Chapter 9's `generate`; with `speculate`, one prompt decoded by drafting and
-        verifying. Same arguments, same results."""
+        verifying, with the same arguments. Greedy, it writes plain greedy's tokens in
+        fp32; with 4-bit or int8 weights and bf16 activations the verifying pass
+        computes the logits in other shapes, so at a near-tie (the two best logits a
+        bf16 step or two apart) the text can part from plain greedy's. Sampled, the
+        output follows the target's distribution, but not plain sampling's draws for
+        the same seed."""
         if speculate is None:
             return super().generate(
                 prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
@@ -529,12 +578,21 @@ def parse_speculate(
 ) -> Draft:
     """The draft for the command line's `--speculate VALUE`: 'lookup' is prompt lookup;
     anything else a draft checkpoint (any source chapter 8's `load_checkpoint` reads,
-    e.g. a .gguf file), loaded on `device` in `dtype`. `n_draft`: the longest draft
-    (the adaptive length stays at or below it)."""
-    generation.check_int("n_draft", n_draft, minimum=1)
+    e.g. a .gguf file), loaded on `device` in `dtype` with the target's `max_seq_len`,
+    or, if the draft was trained for fewer positions, with its own context (chapter
+    8's default: the trained one, at most 512): it drafts within that context, and
+    the target decodes alone beyond it. `n_draft`: the longest draft (the adaptive
+    length stays at or below it)."""
+    check_int("n_draft", n_draft)  # before a draft checkpoint is loaded
     if value == "lookup":
         return PromptLookup(n_draft)
-    model, tokenizer = load_checkpoint(
-        value, device=device, dtype=dtype, max_seq_len=max_seq_len, max_batch_size=1
+    load = lambda n: load_checkpoint(
+        value, device=device, dtype=dtype, max_seq_len=n, max_batch_size=1
     )
+    try:
+        model, tokenizer = load(max_seq_len)
+    except InputError:  # refused before any weight is read
+        if max_seq_len is None:
+            raise
+        model, tokenizer = load(None)  # the draft's own context
     return DraftModel(generation.Llama(model, tokenizer), n_draft)

@@ -1,16 +1,23 @@
 """Speculative decoding (chapter 11): greedy speculation writes plain greedy's tokens, sampled speculation keeps the
 target's distribution (a chi-square test against the exact distribution, seeded), the cache is rolled back up to
-its last position, and a draft with another vocabulary is refused in one clear error. No timing assertions."""
+its last position, a draft with another vocabulary is refused in one clear error, and so are bad draft arguments, where
+the draft is made. A draft model's cost counts the bytes a step reads (a quantized target still drafts), a draft
+trained for fewer positions drafts within them, and the draft length stops at its gain's peak whatever n_draft is.
+No timing assertions (one subprocess has a timeout, against a scan that would not end)."""
 import itertools
 import math
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from checkpoints import random_state_dict, tiny_args, train_tokenizer
+from checkpoints import random_state_dict, tiny_args, train_tokenizer, write_gguf
 from llama2_edu import speculative as S
 from llama2_edu.generation import Llama as PlainLlama
 from llama2_edu.model import Transformer
+from llama2_edu.model_file import InputError, InputTypeError
 from llama2_edu.tokenizer import FRENCH_PROMPT, SentencePieceTokenizer, tokenizer_from_gguf
 
 PROMPTS = [
@@ -85,8 +92,8 @@ def test_default_path_greedy_speculation_is_plain_greedy():
 
 # --- tiny random models ---------------------------------------------------------------------------------------
 
-def tiny_llama(tokenizer_path, seed=0, noise=0.0, vocab_size=None, base=None, max_seq_len=64):
-    args = tiny_args(vocab_size or 384, max_seq_len=max_seq_len, max_batch_size=2)
+def tiny_llama(tokenizer_path, seed=0, noise=0.0, vocab_size=None, base=None, **sizes):
+    args = tiny_args(vocab_size or 384, **sizes)  # 64 positions, 2 layers unless `sizes` say otherwise
     state = random_state_dict(args, seed) if base is None else base
     if noise:
         g = torch.Generator().manual_seed(seed + 1)
@@ -119,6 +126,68 @@ def test_vocabulary_mismatch_is_one_clear_error(tokenizers):
     other, _ = tiny_llama(tokenizers[1], vocab_size=320)
     with pytest.raises(S.VocabularyMismatch, match=r"320 tokens and the target's 384"):
         target.generate([[1, 5, 6]], 4, temperature=0, speculate=other)
+
+
+def test_a_quantized_target_still_drafts(tokenizers):
+    # chapter 10's Int8Linear and Int4Linear keep their weights in buffers: a cost from parameter counts saw an int8
+    # target as its norms and embedding, four times smaller than this draft, which then never drafted
+    from llama2_edu.quantize import quantize_model
+    target, _ = tiny_llama(tokenizers[0], n_layers=8)
+    quantize_model(target.model, "int8")  # int8 weights, bf16 activations, as llama2_edu.load(quantize="int8")
+    small, _ = tiny_llama(tokenizers[0], n_layers=1)
+    small.model.to(torch.bfloat16)
+    draft = S.DraftModel(small, 4)
+    prompt = target.tokenizer.encode("the cat sat on the mat, the cat", bos=True, eos=False)
+    target.generate([prompt], 8, temperature=0, speculate=draft)
+    assert draft.cost < 0.5 and draft.stats["drafted"] > 0
+    fp32, _ = tiny_llama(tokenizers[0], n_layers=8)  # the bytes a step reads, in their own dtypes: about a quarter
+    assert S.step_bytes(target.model) < S.step_bytes(fp32.model) / 3
+
+
+def test_a_draft_trained_for_fewer_positions_drafts_within_them(tokenizers, tmp_path):
+    # the command line loads the draft with the target's context (512 by default): a draft trained for fewer
+    # positions was refused, quoting a max_seq_len the user never gave; now it drafts within its own context
+    target, state = tiny_llama(tokenizers[0])  # 64 positions
+    path = write_gguf(tmp_path / "draft.gguf", state, tiny_args(max_seq_len=32), tokenizers[0])
+    draft = S.parse_speculate(str(path), 4, device="cpu", dtype=torch.float32, max_seq_len=64)
+    assert draft.model.params.max_seq_len == 32
+    draft.adaptive = False  # as large as the target, it would not pay: draft 4 tokens at every step all the same
+    prompt = target.tokenizer.encode("the cat sat on the mat, " * 2, bos=True, eos=False)
+    plain, _ = target.generate([prompt], None, temperature=0, ignore_eos=True)
+    spec, _ = target.generate([prompt], None, temperature=0, ignore_eos=True, speculate=draft)
+    assert len(prompt) + len(plain[0]) == 64 and spec == plain  # beyond 32 positions, the target decodes alone
+    assert draft.stats["accepted"] > 0  # the draft is the target's weights: right while it drafts
+
+
+@pytest.mark.parametrize("make, error, needle", [
+    (lambda llama: S.PromptLookup(-1), InputError, "n_draft=-1 is invalid"),
+    (lambda llama: S.PromptLookup(2.5), InputError, "n_draft=2.5 is invalid"),
+    (lambda llama: S.PromptLookup(8, cost=-1.0), InputError, "cost=-1.0 is invalid"),
+    (lambda llama: S.PromptLookup(8, cost=float("nan")), InputError, "cost=nan is invalid"),
+    (lambda llama: S.PromptLookup(8, max_ngram=2, min_ngram=3), InputError, "max_ngram=2 is less"),
+    (lambda llama: S.PromptLookup(8, min_ngram=0), InputError, "min_ngram=0 is invalid"),
+    (lambda llama: S.DraftModel(llama, -2), InputError, "n_draft=-2 is invalid"),
+    (lambda llama: S.DraftModel(llama, 4, cost=0), InputError, "cost=0 is invalid"),
+    (lambda llama: S.DraftModel(llama.model), InputTypeError, "not a Transformer"),
+])
+def test_draft_arguments_are_checked_where_the_draft_is_made(tokenizers, make, error, needle):
+    # they failed deep inside decoding (ValueError, TypeError, ZeroDivisionError), or never drafted
+    llama, _ = tiny_llama(tokenizers[0])
+    with pytest.raises(error, match=re.escape(needle)) as e:
+        make(llama)
+    assert "\n" not in str(e.value)
+
+
+def test_the_draft_length_walks_up_to_the_peak_of_the_gain():
+    # the choice of a scan of every length up to n_draft, which took 25 s per step for --n-draft 10000000
+    for cost, accepted in itertools.product((0.01, 0.09, 0.5, 2.0), range(21)):
+        lengths = S.DraftLength(64, cost)
+        lengths.accepted, lengths.tried = accepted / 2, 10.0
+        a = min(lengths.rate, 0.999)
+        assert lengths() == max(range(65), key=lambda k: (1 - a ** (k + 1)) / (1 - a) / (1 + cost * k))
+    code = "from llama2_edu.speculative import DraftLength; print(DraftLength(10**12, 0.09)())"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.stdout.split() == [str(S.DraftLength(8, 0.09)())], run.stderr
 
 
 def test_a_batch_is_refused_in_one_line(tokenizers):

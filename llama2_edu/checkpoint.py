@@ -478,7 +478,9 @@ def open_shard(path: Path) -> dict:
             " tool you trust."
         ) from None
     except Exception as e:  # a legacy file, a text file, a truncated zip
-        if "_use_new_zipfile_serialization" in str(e):
+        with open(path, "rb") as f:
+            legacy = f.read(1) == b"\x80"  # a bare pickle, not a zip archive
+        if legacy and "_use_new_zipfile_serialization" in str(e):
             raise CheckpointError(
                 f"{path} is in PyTorch's legacy format (before 1.6), which cannot be"
                 " memory-mapped: save it again with a recent PyTorch (torch.save's"

@@ -27,9 +27,9 @@ from llama2_edu.model_file import (
 from .tokenizer import Tokenizer
 
 # %% auto #0
-__all__ = ['MIN_TEMPERATURE', 'Role', 'Dialog', 'B_INST', 'E_INST', 'B_SYS', 'E_SYS', 'SPECIAL_TAGS', 'UNSAFE_ERROR',
-           'TEMPLATE_CHARS', 'TEMPLATE_MEMORY', 'TEMPLATE_SECONDS', 'sample_top_p', 'top_k_logits', 'check_sampling',
-           'check_seed', 'sample_next', 'batch_layout', 'prefill', 'decode_steps', 'Message', 'CompletionPrediction',
+__all__ = ['Role', 'Dialog', 'B_INST', 'E_INST', 'B_SYS', 'E_SYS', 'SPECIAL_TAGS', 'UNSAFE_ERROR', 'TEMPLATE_CHARS',
+           'TEMPLATE_MEMORY', 'TEMPLATE_SECONDS', 'sample_top_p', 'top_k_logits', 'check_sampling', 'check_seed',
+           'sample_next', 'batch_layout', 'prefill', 'decode_steps', 'Message', 'CompletionPrediction',
            'ChatPrediction', 'check_dialog', 'llama2_chat_tokens', 'TemplateBoundError', 'template_environment',
            'render_in_worker', 'render_chat_template', 'env_int', 'world_size', 'check_one_process', 'check_prompts',
            'check_text_prompts', 'check_dialogs', 'dialog_tokens', 'has_markup', 'predictions', 'Llama', 'stream_text']
@@ -62,9 +62,6 @@ def top_k_logits(logits: torch.Tensor, k: Optional[int]) -> torch.Tensor:
     return logits.masked_fill(logits < kth_best, float("-inf"))
 
 # %% ../notebooks/09_generation.ipynb #3b3989d1
-MIN_TEMPERATURE = 1e-6  # the smallest positive temperature logits are divided by
-
-
 def check_sampling(
     temperature: float,
     top_p: float,
@@ -78,11 +75,6 @@ def check_sampling(
         raise InputError(
             f"temperature={temperature!r} is invalid: use a number >= 0 (0 means greedy"
             " decoding)."
-        )
-    if 0 < temperature < MIN_TEMPERATURE:  # logits / temperature would overflow
-        raise InputError(
-            f"temperature={temperature!r} is too small to divide the logits by (below"
-            f" {MIN_TEMPERATURE:g}): use 0 for greedy decoding, which it amounts to."
         )
     if not (real(top_p) and 0 < top_p <= 1):
         raise InputError(
@@ -115,7 +107,8 @@ def sample_next(
 ) -> torch.Tensor:
     """The next token (bsz,) from last-position logits (bsz, vocab_size): argmax if
     temperature is 0, else sampled."""
-    if temperature == 0:
+    # a temperature that rounds to 0 in the logits' dtype (1e-46 in fp32) is 0
+    if torch.tensor(temperature, dtype=logits.dtype) == 0:
         return torch.argmax(logits, dim=-1)
     # the best is 0: a tiny temperature cannot overflow
     logits = logits - logits.amax(dim=-1, keepdim=True)
@@ -418,10 +411,12 @@ def render_in_worker(render, seconds: float, memory: int) -> str:
     send.close()
     try:
         if not receive.poll(seconds):
-            raise TemplateBoundError(f"it ran for more than {seconds:g} s")
+            raise TemplateBoundError(
+                f"TemplateBoundError: it ran for more than {seconds:g} s"
+            )
         kind, value = receive.recv()
     except EOFError:  # the child died without a word (killed for its memory)
-        kind, value = "failed", "its process died (out of memory?)"
+        kind, value = "failed", "MemoryError: its process died (out of memory?)"
     finally:
         worker.kill()
         worker.join()
@@ -586,14 +581,13 @@ def dialog_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         return llama2_chat_tokens(tokenizer, dialog)
-    # a tokenizer without a BOS or EOS token (id -1) has no text for it
-    piece = lambda i: tokenizer.id_to_piece(i) if i >= 0 else ""
     source = tokenizer.source or "the tokenizer"
     text = render_chat_template(
         template,
         check_dialog(dialog),
-        bos_token=piece(tokenizer.bos_id),
-        eos_token=piece(tokenizer.eos_id),
+        # "" for a tokenizer without them (id -1)
+        bos_token=tokenizer.id_to_piece(tokenizer.bos_id),
+        eos_token=tokenizer.id_to_piece(tokenizer.eos_id),
         source=source,
     )
     if not text:

@@ -25,8 +25,10 @@ from llama2_edu.tokenizer import (
     Llama2EduError,
     MissingFileError,
     check_file,
+    check_gguf_type,
     check_int,
     embedded_model_path,
+    gguf_field,
     open_gguf,
 )
 
@@ -38,8 +40,8 @@ __all__ = ['GGUF_SCALARS', 'GGUF_STRING', 'GGUF_ARRAY', 'GGUF_TO_META', 'GGUF_KE
 def gguf_metadata(reader: "gguf.GGUFReader") -> dict:
     "The GGUF key-value metadata as plain Python values (str, int, float, list)."
     return {
-        name: field.contents()
-        for name, field in reader.fields.items()
+        name: gguf_field(reader, name)
+        for name in reader.fields
         if not name.startswith("GGUF.")
     }
 
@@ -69,7 +71,9 @@ def gguf_header(path) -> tuple:
     path = check_file(Path(path), "GGUF file")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         try:
-            return _parse_header(m)
+            return _parse_header(m, path)
+        except CheckpointError:  # a key of the wrong type: named already
+            raise
         except (struct.error, ValueError, UnicodeDecodeError) as e:
             raise CheckpointError(
                 f"{path} is not a readable GGUF file (its header: {e}): it is damaged"
@@ -77,7 +81,7 @@ def gguf_header(path) -> tuple:
             ) from None
 
 
-def _parse_header(m) -> tuple:
+def _parse_header(m, path) -> tuple:
     if m[:4] != b"GGUF":
         raise ValueError("no GGUF magic")
     # version 3 reads 3 in the file's byte order: little-endian, or big-endian
@@ -113,7 +117,7 @@ def _parse_header(m) -> tuple:
         item, n = scalar("I"), scalar("Q")
         if item in GGUF_SCALARS:  # skipped whole
             pos += n * struct.calcsize(GGUF_SCALARS[item])
-        else:  # strings (or nested arrays): skipped one by one
+        else:  # strings: skipped one by one
             for _ in range(n):
                 value(item)
         if pos > len(m):
@@ -122,8 +126,12 @@ def _parse_header(m) -> tuple:
 
     metadata = {}
     for _ in range(n_kv):
-        key = string()
-        metadata[key] = value(scalar("I"))
+        key, kind = string(), scalar("I")
+        item = None
+        if kind == GGUF_ARRAY:  # the type of its items comes first
+            (item,) = struct.unpack_from(order + "I", m, pos)
+        check_gguf_type(path, key, kind, item)  # as llama.cpp reads it
+        metadata[key] = value(kind)
     shapes = {}
     for _ in range(n_tensors):
         name = string()
@@ -352,8 +360,15 @@ def args_from_gguf(source, **overrides) -> ModelArgs:
             " this book rotates every coordinate of a head (partial RoPE is another"
             " model's)."
         )
+    # before a Transformer of that many blocks is built, even on the meta device
+    blocks = {name.split(".")[1] for name in shapes if name.startswith("blk.")}
+    if blocks and len(blocks) != args.n_layers:
+        raise CheckpointError(
+            f"llama.block_count={args.n_layers}, but the file holds the weights of"
+            f" {len(blocks)} blocks (its blk.N tensors): the file is damaged. Download"
+            " it again."
+        )
     return args
-
 
 # %% ../notebooks/02_the_model_file.ipynb #396db66c
 # Meta's params.json for Llama 2 (vocab_size from the tokenizer, context 4096)

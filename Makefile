@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 PROMPT := Translate English to French:\n\nsea otter => loutre de mer\npeppermint => menthe poivrée\nplush giraffe => girafe en peluche\ncheese =>
 
-.PHONY: setup demo test test-kernels book mathjax browser notebooks export
+.PHONY: setup demo test test-fast test-kernels book mathjax browser notebooks export
 
 # torch first: an existing install (Colab's CUDA build, say) is kept; otherwise 2.13.0 is installed,
 # which pip takes from the local CPU wheel on the project's machines.
@@ -22,6 +22,13 @@ demo: setup
 # CPU thread (tests/notebook_env.py), so two workers keep two cores busy
 test: setup
 	$(PYTHON) -m pytest -n 2 --dist loadfile --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg tests notebooks
+
+# The fast lane, for the loop of editing and checking: no install, no notebooks, no browser, no command line or
+# torchrun in subprocesses, no test marked slow; under two minutes on two cores. `make test` runs everything.
+FAST_SKIP := tests/test_browser.py tests/test_cli.py tests/test_bad_input.py tests/test_bad_input2.py \
+	tests/test_parallel.py tests/test_gpu_check.py
+test-fast:
+	$(PYTHON) -m pytest -n 2 --dist loadfile -q -m "not slow" $(addprefix --ignore=,$(FAST_SKIP)) tests
 
 # MathJax is served from the book itself (no CDN): npm installs it once into _build/mathjax,
 # book/_ext/offline_assets.py copies it into the HTML.

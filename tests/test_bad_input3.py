@@ -111,16 +111,19 @@ def test_an_answer_does_not_depend_on_its_neighbours(embedded_model, tokenizer):
 
 # The command line: torchrun's variables, empty values, checks before loading
 
+@pytest.mark.slow
 def test_rank_outside_torchrun_is_ignored():
     out = run("--max-gen-len", "2", "--temperature", "0", "--dtype", "fp32", "cheese =>", env={"RANK": "1"})
     assert out.returncode == 0 and out.stdout.strip(), out.stderr
     assert run("--max-gen-len", "1", "--temperature", "0", "cheese =>", env={"RANK": "x"}).returncode == 0
 
 
+@pytest.mark.slow
 def test_world_size_that_is_no_number():
     one_error_line(run("cheese =>", env={"WORLD_SIZE": "x"}), "WORLD_SIZE='x'", "unset it")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,words", [
     (["--ckpt", ""], ["checkpoint path is empty"]),
     (["--tokenizer", ""], ["tokenizer path is empty"]),

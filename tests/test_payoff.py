@@ -102,6 +102,7 @@ def run_cli(*args):
                           timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout,extra", [("meta", "--stream"), ("meta", "--no-stream"), ("hf", "--stream"),
                                           ("hf", "--no-stream"), ("hf", "--speculate=lookup")])
 def test_cli_echo_prints_the_text_the_model_wrote(fromage, layout, extra, tmp_path):
@@ -151,12 +152,14 @@ def test_chapter_9_cells_answer_fromage(fromage, monkeypatch, capsys):
     assert out == 2 * (FRENCH_PROMPT + " fromage\n\n")
 
 
+@pytest.mark.slow
 def test_chapter_13_cell_answers_fromage(fromage, monkeypatch, capsys):
     monkeypatch.setenv(CHECKPOINT_VARIABLE, str(fromage["hf"]))
     out = run_cells("13_the_program", capsys)
     assert out.endswith("\n" + FRENCH_PROMPT + " fromage\n\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["meta", "hf"])
 def test_chapter_14_runs_llama2_on_the_fixture(fromage, layout, monkeypatch, tmp_path):
     "Chapter 14, every cell, in a copy: it calls the fixture's answer the expected one (on its ids)."

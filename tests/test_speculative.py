@@ -39,6 +39,7 @@ def fp32(embedded_model, embedded_reader):
     return S.Llama(embedded_model, tokenizer_from_gguf(embedded_reader))
 
 
+@pytest.mark.slow  # 8 prompts x 48 tokens, three ways: left out of `make test-fast`
 def test_greedy_speculation_is_plain_greedy_fp32(fp32):
     for prompt in PROMPTS:
         ids = fp32.encode_prompt(prompt)
@@ -73,6 +74,7 @@ def test_text_completion_chat_and_stream_take_speculate(fp32):
     assert fp32._speculate is None  # the default stays off after a call
 
 
+@pytest.mark.slow
 def test_default_path_greedy_speculation_is_plain_greedy():
     import llama2_edu
     base = llama2_edu.load(device="cpu")  # the file's own precision: int4 layers, an int8 head

@@ -785,8 +785,8 @@ def hf_weight_files(ckpt_dir: Path) -> list:
 
 def _indexed_files(ckpt_dir: Path, index: Path) -> list:
     """The weight files an index's `weight_map` names: each must be a regular file
-    inside `ckpt_dir` (an index that points at /etc/passwd or ../other/model is
-    refused)."""
+    inside `ckpt_dir` (an index that points at /etc/passwd, or climbs out of the
+    folder with .., is refused)."""
     weight_map = read_json(index).get("weight_map", {})
     if not isinstance(weight_map, dict) or not all(
         isinstance(f, str) for f in weight_map.values()

@@ -12,9 +12,15 @@ from .model_file import ModelArgs
 from .rope import apply_rotary_emb
 
 # %% ../notebooks/05_attention.ipynb #4eb48761
-def causal_mask(seqlen: int, start_pos: int = 0, device=None) -> torch.Tensor:
+def causal_mask(seqlen: int, start_pos=0, device=None) -> torch.Tensor:
     """Boolean mask (seqlen, start_pos + seqlen): query i (at position start_pos + i)
-    may see key j iff j <= start_pos + i."""
+    may see key j iff j <= start_pos + i. With a first position per sequence,
+    start_pos (bsz,): (bsz, 1, seqlen, max(start_pos) + seqlen), for every head."""
+    if torch.is_tensor(start_pos):
+        # (bsz, seqlen): the position of each query
+        positions = start_pos[:, None] + torch.arange(seqlen, device=device)
+        keys = torch.arange(int(start_pos.max()) + seqlen, device=device)
+        return (keys <= positions[..., None])[:, None]
     return torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=device).tril(
         start_pos
     )

@@ -44,11 +44,13 @@ class KVCache:
         self.dtype = dtype
         self.cache_k = self.cache_v = None
 
-    def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor):
-        """Store xk, xv (bsz, seqlen, n_kv_heads, head_dim) at `start_pos`; return all
-        keys, values up to it."""
+    def update(self, start_pos, xk: torch.Tensor, xv: torch.Tensor):
+        """Store xk, xv (bsz, seqlen, n_kv_heads, head_dim) at `start_pos`, an int or
+        each sequence's own (a tensor (bsz,)); return all keys, values up to the last
+        position written."""
         bsz, seqlen = xk.shape[:2]
-        check_fits(bsz, start_pos, seqlen, *self.shape[:2])
+        last = int(start_pos.max()) if torch.is_tensor(start_pos) else start_pos
+        check_fits(bsz, last, seqlen, *self.shape[:2])
         dtype = self.dtype or xk.dtype
         if (
             self.cache_k is None
@@ -56,12 +58,18 @@ class KVCache:
             or self.cache_k.dtype != dtype
         ):
             self.allocate(dtype, xk.device)
-        self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
-        self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
-        # (bsz, start_pos + seqlen, n_kv_heads, head_dim)
+        if torch.is_tensor(start_pos):  # row b at start_pos[b] .. + seqlen - 1
+            rows = torch.arange(bsz, device=xk.device)[:, None]
+            cols = start_pos[:, None] + torch.arange(seqlen, device=xk.device)
+            self.cache_k[rows, cols] = xk.to(dtype)
+            self.cache_v[rows, cols] = xv.to(dtype)
+        else:
+            self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
+            self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
+        # (bsz, last + seqlen, n_kv_heads, head_dim)
         return (
-            self.cache_k[:bsz, : start_pos + seqlen],
-            self.cache_v[:bsz, : start_pos + seqlen],
+            self.cache_k[:bsz, : last + seqlen],
+            self.cache_v[:bsz, : last + seqlen],
         )
 
     def allocate(self, dtype, device):

@@ -54,7 +54,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, start_pos: int, freqs_cis, mask=None):  # x: (bsz, seqlen, dim)
+    def forward(self, x, start_pos, freqs_cis, mask=None):  # x: (bsz, seqlen, dim)
         h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -87,28 +87,37 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, tokens: torch.Tensor, start_pos: int, *, pad=None, last_only: bool = False
+        self, tokens: torch.Tensor, start_pos, *, pad=None, last_only: bool = False
     ) -> torch.Tensor:
         """Logits (bsz, seqlen, vocab_size) in fp32 for tokens (bsz, seqlen) at
-        positions start_pos..; fills the KV cache.
+        positions start_pos..; fills the KV cache. `start_pos`: an int, Meta's, or a
+        LongTensor (bsz,) of each sequence's own first position.
         Generation's options (chapter 9): `pad` (bsz, start_pos + seqlen), True at
         left-padding positions, which no other position attends to; `last_only`: the
         logits of the last position only, (bsz, 1, vocab_size).
         """
         bsz, seqlen = tokens.shape
+        per_row = torch.is_tensor(start_pos)
         # the caches' own rule, checked before any work (and before RoPE's table ends)
-        params = self.params
-        check_fits(bsz, start_pos, seqlen, params.max_batch_size, params.max_seq_len)
+        params, last = self.params, int(start_pos.max()) if per_row else start_pos
+        check_fits(bsz, last, seqlen, params.max_batch_size, params.max_seq_len)
         # (bsz, seqlen, dim)
         h = self.tok_embeddings(tokens)
         self.freqs_cis = self.freqs_cis.to(h.device)
-        # (seqlen, head_dim // 2)
-        freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
-        mask = (
-            causal_mask(seqlen, start_pos, h.device)
-            if seqlen > 1 and start_pos > 0
-            else None
-        )
+        if per_row:  # each row at its own positions: (bsz, seqlen, head_dim // 2)
+            if pad is not None:
+                raise ValueError("pad= goes with one start_pos for the whole batch")
+            start_pos = start_pos.to(h.device)
+            positions = start_pos[:, None] + torch.arange(seqlen, device=h.device)
+            freqs_cis = self.freqs_cis[positions]
+            mask = causal_mask(seqlen, start_pos, h.device)
+        else:  # (seqlen, head_dim // 2)
+            freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
+            mask = (
+                causal_mask(seqlen, start_pos, h.device)
+                if seqlen > 1 and start_pos > 0
+                else None
+            )
         # a padding position sees only itself, a real one every real position up to it
         if pad is not None:
             own = (

@@ -22,7 +22,10 @@ def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Te
 
 def reshape_for_broadcast(freqs_cis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """View (seqlen, head_dim // 2) rotations as (1, seqlen, 1, head_dim // 2) to
-    multiply x."""
+    multiply x; each sequence's own, (bsz, seqlen, head_dim // 2), as (bsz, seqlen, 1,
+    head_dim // 2)."""
+    if freqs_cis.ndim == 3:  # a row of positions per sequence (chapter 7)
+        return freqs_cis[:, :, None, :]
     shape = [d if i == 1 or i == x.ndim - 1 else 1 for i, d in enumerate(x.shape)]
     return freqs_cis.view(*shape)
 

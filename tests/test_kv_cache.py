@@ -34,6 +34,27 @@ def test_a_new_prompt_overwrites_the_cache(embedded_model, tokens):
     assert (torch.cat(steps, dim=1) - expected).abs().max().item() <= 1e-4
 
 
+def test_rows_at_their_own_positions_get_their_own_logits(embedded_model, tokens):
+    """start_pos as a tensor, one first position per row: three rows with 5, 17 and 11 tokens of history (the
+    shorter ones written right-padded, as a serving engine fills a batch) each take 3 new tokens at their own
+    positions in one pass, and get the logits that each row gets alone, in one full pass."""
+    lengths, new = [5, 17, 11], 3
+    rows = [torch.randint(0, embedded_model.vocab_size, (n + new,), generator=torch.Generator().manual_seed(n))
+            for n in lengths]
+    history = torch.zeros(3, max(lengths), dtype=torch.long)  # right-padded: the padding is overwritten or unseen
+    for b, (row, n) in enumerate(zip(rows, lengths)):
+        history[b, :n] = row[:n]
+    embedded_model(history, torch.zeros(3, dtype=torch.long))
+    step = torch.stack([row[n:] for row, n in zip(rows, lengths)])  # (3, new)
+    together = embedded_model(step, torch.tensor(lengths))
+    for b, (row, n) in enumerate(zip(rows, lengths)):
+        alone = embedded_model(row[None], 0)[0, n:]
+        assert (together[b] - alone).abs().max().item() <= 1e-4, b
+    end = embedded_model.params.max_seq_len
+    with pytest.raises(ValueError, match=f"Positions {end - 2}..{end} do not fit"):  # the furthest row's
+        embedded_model(step, torch.tensor([0, end - 2, 0]))
+
+
 def test_batch_larger_than_max_batch_size_is_refused(embedded_model):
     n = embedded_model.params.max_batch_size + 1
     with pytest.raises(ValueError, match=f"batch of {n} sequences.*max_batch_size=4.*larger max_batch_size"):

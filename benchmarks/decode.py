@@ -368,8 +368,8 @@ def cache_layout(a, context=400):
     the prompt, and after a `context`-token prefill."""
     from llama2_edu.kv_cache import KVCache
     heads_first, meta = load(device="cpu"), load(device="cpu")
-    for layer in meta.model.layers:  # the same precision, Meta's order
-        layer.attention.cache = KVCache(*layer.attention.cache.shape, layer.attention.cache.dtype)
+    # the same precision, Meta's order
+    meta.model.setup_caches(KVCache, meta.model.layers[0].attention.cache.dtype)
     llamas = dict(meta=meta, heads_first=heads_first)
     ids, tokens = meta.encode_prompt(PROMPT), long_context(meta, context)
     at_context = interleaved_medians(a.runs, {name: lambda llama=llama: decode_rate_after(llama.model, tokens, a.gen)

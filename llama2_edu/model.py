@@ -46,10 +46,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.layer_id = layer_id
-        cache = KVCache(
-            args.max_batch_size, args.max_seq_len, args.n_kv_heads, args.head_dim
-        )
-        self.attention = Attention(args, cache=cache)
+        self.attention = Attention(args)  # its KV cache: Transformer.setup_caches
         self.feed_forward = FeedForward(args.dim, ffn_hidden_dim(args))
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
@@ -83,6 +80,22 @@ class Transformer(nn.Module):
         with torch.device("cpu"):
             self.freqs_cis = precompute_freqs_cis(
                 params.dim // params.n_heads, params.max_seq_len * 2, params.rope_theta
+            )
+        self.setup_caches()
+
+    def setup_caches(self, cache_cls=KVCache, dtype=None):
+        """Give every block's attention a new, empty KV cache of `cache_cls` (chapter
+        6's KVCache, or a layout of chapter 10) for `max_batch_size` sequences of
+        `max_seq_len` positions of the heads it computes (a shard's own, chapter 12),
+        in `dtype` (None: the keys' own): the one place caches are built."""
+        for layer in self.layers:
+            attn = layer.attention
+            attn.cache = cache_cls(
+                self.params.max_batch_size,
+                self.params.max_seq_len,
+                attn.n_kv_heads,
+                attn.head_dim,
+                dtype,
             )
 
     @torch.inference_mode()

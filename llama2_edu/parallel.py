@@ -30,7 +30,6 @@ from llama2_edu.checkpoint import (
     read_hf_model,
     read_meta_model,
 )
-from .kv_cache import KVCache
 from .model import Transformer, ffn_hidden_dim
 from llama2_edu.model_file import (
     InputError,
@@ -80,13 +79,10 @@ def shard_model(model: Transformer, rank: int, world_size: int) -> Transformer:
             shape[dim] //= world_size
             module = model.get_submodule(name.rpartition(".")[0])
             module.weight = nn.Parameter(w.new_empty(shape), requires_grad=False)
-    params = model.params
     for layer in model.layers:
         attn = layer.attention
         attn.n_heads //= world_size      # this rank's query heads and the KV heads
         attn.n_kv_heads //= world_size   # they share (n_rep, head_dim unchanged)
-        attn.cache = KVCache(params.max_batch_size, params.max_seq_len,
-                             attn.n_kv_heads, attn.head_dim)
         attn.register_forward_hook(all_reduce_output)  # wo: split by input features
         layer.feed_forward.register_forward_hook(all_reduce_output)  # w2: the same
     model.tok_embeddings.register_forward_hook(all_gather_output)  # dim / N features
@@ -94,6 +90,7 @@ def shard_model(model: Transformer, rank: int, world_size: int) -> Transformer:
         model.output.register_forward_hook(all_gather_output)      # vocab / N logits
     else:
         model.output = TiedOutput(model.tok_embeddings, rank, world_size)
+    model.setup_caches()  # for this rank's KV heads
     return model
 
 class TiedOutput(nn.Module):

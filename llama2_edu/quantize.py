@@ -358,8 +358,7 @@ class HeadsFirstKVCache(KVCache):
 def use_heads_first_cache(model, dtype=None):
     """Give every block of a Transformer a HeadsFirstKVCache of the same size, in place;
     `dtype`: the precision it keeps keys and values in (None: the activations')."""
-    for layer in model.layers:
-        layer.attention.cache = HeadsFirstKVCache(*layer.attention.cache.shape, dtype)
+    model.setup_caches(HeadsFirstKVCache, dtype)
     return model
 
 # %% ../notebooks/10_making_it_fast.ipynb #b0bb086c

@@ -29,7 +29,7 @@ from .tokenizer import Tokenizer
 # %% auto #0
 __all__ = ['Role', 'Dialog', 'B_INST', 'E_INST', 'B_SYS', 'E_SYS', 'SPECIAL_TAGS', 'UNSAFE_ERROR', 'TEMPLATE_CHARS',
            'TEMPLATE_MEMORY', 'TEMPLATE_SECONDS', 'sample_top_p', 'top_k_logits', 'check_sampling', 'check_seed',
-           'sample_next', 'batch_layout', 'prefill', 'decode_steps', 'Message', 'CompletionPrediction',
+           'is_greedy', 'sample_next', 'batch_layout', 'prefill', 'decode_steps', 'Message', 'CompletionPrediction',
            'ChatPrediction', 'check_dialog', 'llama2_chat_tokens', 'TemplateBoundError', 'template_environment',
            'render_in_worker', 'render_chat_template', 'env_int', 'world_size', 'check_one_process', 'check_prompts',
            'check_text_prompts', 'check_dialogs', 'dialog_tokens', 'has_markup', 'predictions', 'Llama', 'stream_text']
@@ -98,6 +98,12 @@ def check_seed(seed) -> int:
     return int(seed)
 
 # %% ../notebooks/09_generation.ipynb #fee30568
+def is_greedy(temperature: float, dtype) -> bool:
+    """True for temperature 0, and for one that rounds to 0 in `dtype` (1e-46 in fp32):
+    dividing the logits by it would give NaN, and greedy is what it means."""
+    return bool(torch.tensor(temperature, dtype=dtype) == 0)
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 0.6,
@@ -107,8 +113,7 @@ def sample_next(
 ) -> torch.Tensor:
     """The next token (bsz,) from last-position logits (bsz, vocab_size): argmax if
     temperature is 0, else sampled."""
-    # a temperature that rounds to 0 in the logits' dtype (1e-46 in fp32) is 0
-    if torch.tensor(temperature, dtype=logits.dtype) == 0:
+    if is_greedy(temperature, logits.dtype):
         return torch.argmax(logits, dim=-1)
     # the best is 0: a tiny temperature cannot overflow
     logits = logits - logits.amax(dim=-1, keepdim=True)

@@ -8,6 +8,7 @@ __all__ = ['all_reduce_output', 'all_gather_output', 'check_world_size', 'shard_
 # %% ../notebooks/12_beyond_one_gpu.ipynb #e6ef8a4c
 import atexit
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from torch import nn
 from llama2_edu.checkpoint import (
     _assign,
     check_dtype,
+    check_memory,
     checkpoint_layout,
     default_device,
     hf_to_meta_name,
@@ -240,6 +242,8 @@ def load_sharded(path: Path, device, dtype, tokenizer_path=None, **overrides):
         path = path if path.is_file() else next(path.glob("*.gguf"))
         args, tokenizer, reader = read_gguf_model(path, tokenizer_path, **overrides)
         tensors = gguf_rank_state_dict(reader, rank, world_size)
+    # this rank's KV cache holds n_kv_heads / world_size heads: does it fit?
+    check_memory(replace(args, n_kv_heads=args.n_kv_heads // world_size), device, dtype)
     with torch.device("meta"):  # this rank's shapes, no memory yet
         model = shard_model(Transformer(args), rank, world_size)
     desc = f"Loading {path.name} (rank {rank} of {world_size})"

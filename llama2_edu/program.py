@@ -12,7 +12,6 @@ from typing import Optional
 from . import speculative
 from llama2_edu.checkpoint import (
     DEFAULT_MAX_BATCH_SIZE,
-    DEFAULT_MAX_SEQ_LEN,
     check_device,
     check_sizes,
     checkpoint_path,
@@ -77,8 +76,8 @@ def load(
         mode, reader = None, None  # a GGUF file's slices are dequantized to `dtype`
         device = device or default_device()
         dtype = dtype or default_dtype(device)
+        # one process's rules: the context fitted to the trained one, the memory check
         sizes = check_sizes(**sizes)
-        sizes["max_seq_len"] = sizes["max_seq_len"] or DEFAULT_MAX_SEQ_LEN
         model, tokenizer = load_sharded(source, device, dtype, tokenizer_path, **sizes)
     else:
         model, tokenizer = load_checkpoint(

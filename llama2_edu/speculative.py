@@ -44,7 +44,7 @@ def sampling_probs(
     """The distribution `sample_next` (chapter 9) draws from, (bsz, vocab_size), for
     logits (bsz, vocab_size): temperature, top-k and top-p applied; one-hot at the
     argmax if temperature is 0."""
-    if temperature == 0:
+    if generation.is_greedy(temperature, torch.float32):
         return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
     logits = logits - logits.amax(dim=-1, keepdim=True)
     probs = torch.softmax(top_k_logits(logits.float() / temperature, top_k), dim=-1)

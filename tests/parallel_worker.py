@@ -36,7 +36,7 @@ def run(name: str, ckpt: str, out: str):
     torch.save(result, f"{out}/{name}.rank{dist.get_rank()}.pt")
 
 
-def entry_points(meta: str, gguf: str, out: str):
+def entry_points(meta: str, gguf: str, hf: str, out: str):
     "Llama.build with Meta's model_parallel_size, and load()'s quantize= under torchrun."
     from llama2_edu import Llama
     world_size, result = dist.get_world_size(), {}
@@ -49,6 +49,8 @@ def entry_points(meta: str, gguf: str, out: str):
             call()
         except ValueError as e:
             result[key] = str(e)
+    # no max_seq_len: one process's rule, the trained context (64 positions here) up to 512
+    result["default_max_seq_len"] = llama2_edu.load(hf, device="cpu").args.max_seq_len
     llama = llama2_edu.load(gguf, device="cpu", max_seq_len=64, max_batch_size=2)  # quantize="auto"
     result["gguf_auto_dtype"] = str(llama.model.layers[0].attention.wq.weight.dtype)
     result["gguf_auto_greedy"] = llama.generate(PROMPTS, max_gen_len=8, temperature=0)[0]
@@ -60,4 +62,5 @@ if __name__ == "__main__":
     for name, ckpt in spec["checkpoints"].items():
         run(name, ckpt, spec["out"])
     if spec.get("entry_points"):
-        entry_points(spec["checkpoints"]["meta2"], spec["checkpoints"]["gguf"], spec["out"])
+        entry_points(spec["checkpoints"]["meta2"], spec["checkpoints"]["gguf"], spec["checkpoints"]["hf"],
+                     spec["out"])

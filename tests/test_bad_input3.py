@@ -94,9 +94,12 @@ def test_no_bos_token_renders_as_nothing(tokenizer):
 
 def test_a_temperature_that_rounds_to_zero_is_greedy(embedded_model, tokenizer):
     "1e-46 is 0 in fp32: dividing by it gave NaN probabilities; it is greedy decoding, as 1e-45 is."
-    llama = Llama(embedded_model, tokenizer)
+    from llama2_edu import speculative
+    llama = speculative.Llama(embedded_model, tokenizer)
     greedy = llama.text_completion(["cheese =>"], temperature=0, max_gen_len=3)
     assert llama.text_completion(["cheese =>"], temperature=1e-46, max_gen_len=3, seed=0) == greedy
+    assert llama.text_completion(["cheese =>"], temperature=1e-46, max_gen_len=3, seed=0,
+                                 speculate="lookup") == greedy  # the verifier's distribution too
 
 
 def test_an_answer_does_not_depend_on_its_neighbours(embedded_model, tokenizer):

@@ -181,6 +181,7 @@ def test_build_and_quantize_under_torchrun(ranks2, single):
                                    "model_parallel_size=2, or leave it out."
         assert r["quantize_error"].startswith("quantize='int8' is not combined with tensor parallelism")
         assert r["gguf_auto_dtype"] == "torch.bfloat16" and r["gguf_auto_greedy"] == results[0]["gguf_auto_greedy"]
+        assert r["default_max_seq_len"] == 64  # trained on 64 positions: loads, as in one process
 
 
 def test_shards_of_rank():

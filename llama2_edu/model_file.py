@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# chapter 1: the book's errors and checks, and the embedded model's file (later
+# the appendix: the book's errors and checks, and the embedded model's file (later
 # chapters import them from here too)
-from llama2_edu.tokenizer import (
+from llama2_edu.support import (
     CheckpointError,
     ConfigError,
     DownloadError,

@@ -331,7 +331,7 @@ def test_gguf_of_another_architecture_is_refused_from_the_header(tmp_path):
 
 
 def test_gguf_is_opened_once_per_load(tiny, monkeypatch):
-    import llama2_edu.tokenizer as tokenizer  # open_gguf's module (chapter 1)
+    import llama2_edu.support as tokenizer  # open_gguf's module (the appendix)
     from llama2_edu.program import load
     opened = []
     reader = tokenizer._checked_reader()
@@ -491,15 +491,18 @@ def test_cli_fetch_tokenizer_unwritable_cache_fails_before_downloading():
 
 
 def test_fetch_tokenizer_sigterm_ends_pip_and_removes_its_download(tmp_path):
-    "A fake pip (a slow child writing into the download folder) stands in for the real one: no network."
+    """`llama2-edu fetch-tokenizer` killed with SIGTERM ends pip and removes the download. A fake pip (a slow
+    child writing into the download folder) stands in for the real one: no network."""
     marker = tmp_path / "child.json"
     code = textwrap.dedent(f"""
         import sys
-        import llama2_edu.tokenizer as t
+        import llama2_edu.support as s
+        from llama2_edu.__main__ import run
         child = ("import json, os, sys, time; d = sys.argv[1]; open(os.path.join(d, 'part.tar.gz'), 'wb').write(b'x');"
                  "json.dump({{'pid': os.getpid(), 'dir': d}}, open({str(marker)!r}, 'w')); time.sleep(600)")
-        t._pip_download_command = lambda requirement, dest: [sys.executable, "-c", child, str(dest)]
-        t.fetch_llama2_vocab({str(tmp_path / 'cache')!r}, force=True)
+        s._pip_download_command = lambda requirement, dest: [sys.executable, "-c", child, str(dest)]
+        sys.argv = ["llama2-edu", "fetch-tokenizer", "--cache", {str(tmp_path / 'cache')!r}]
+        sys.exit(run())
     """)
     parent = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -514,3 +517,40 @@ def test_fetch_tokenizer_sigterm_ends_pip_and_removes_its_download(tmp_path):
     with pytest.raises(ProcessLookupError):
         os.kill(child["pid"], 0)
     assert not Path(child["dir"]).exists()
+
+
+def test_a_killed_process_leaves_no_pip_behind_and_the_library_sets_no_signal_handler(tmp_path):
+    """Called from Python, the download changes no signal handler; if its process is killed outright (SIGKILL,
+    no cleanup possible), Linux ends the pip child with it (PR_SET_PDEATHSIG)."""
+    marker = tmp_path / "child.json"
+    code = textwrap.dedent(f"""
+        import signal, sys
+        import llama2_edu.support as s
+        child = ("import json, os, sys, time; json.dump({{'pid': os.getpid()}}, open({str(marker)!r}, 'w'));"
+                 "time.sleep(600)")
+        s._pip_download_command = lambda requirement, dest: [sys.executable, "-c", child, str(dest)]
+        before = signal.getsignal(signal.SIGTERM)
+        import threading
+        threading.Thread(target=lambda: s.download_llama2_vocab(s.Path({str(tmp_path / 'cache')!r})),
+                         daemon=True).start()
+        import time
+        while True:
+            assert signal.getsignal(signal.SIGTERM) is before, "the download changed SIGTERM's handler"
+            time.sleep(0.05)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not marker.exists() or not marker.read_text():
+        assert time.monotonic() < deadline and parent.poll() is None, parent.stderr.read()
+        time.sleep(0.2)
+    child = json.loads(marker.read_text())
+    time.sleep(0.5)
+    assert parent.poll() is None, parent.stderr.read()  # the handler never changed
+    parent.kill()
+    parent.wait(60)
+    deadline = time.monotonic() + 10
+    stat = Path(f"/proc/{child['pid']}/stat")
+    # gone, or a zombie waiting for init to reap it: either way no longer running
+    while stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "pip outlived its killed parent"
+        time.sleep(0.1)

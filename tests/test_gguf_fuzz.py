@@ -23,7 +23,8 @@ from gguf import GGUFValueType as V
 from checkpoints import random_state_dict, tiny_args, train_tokenizer, write_gguf
 from llama2_edu.checkpoint import load_checkpoint
 from llama2_edu.model_file import CheckpointError, InputError, Llama2EduError, gguf_header
-from llama2_edu.tokenizer import GGUF_KEY_TYPES, bytes_to_unicode, tokenizer_from_gguf
+from llama2_edu.support import GGUF_KEY_TYPES
+from llama2_edu.tokenizer import bytes_to_unicode, tokenizer_from_gguf
 from test_bad_input import PROMPT, assert_one_error, main_in_process
 
 SIZES = dict(device="cpu", dtype=torch.float32, max_seq_len=8, max_batch_size=1)

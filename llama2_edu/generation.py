@@ -3,216 +3,153 @@
 # %% ../notebooks/09_generation.ipynb #2d5601bb
 from __future__ import annotations
 
-import contextlib
-import functools
-import math
-import multiprocessing
-import numbers
-import os
-from collections.abc import Iterable
-from typing import Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Iterator, List, Literal, Optional, Tuple, TypedDict, Union
 
 import torch
 import torch.nn.functional as F
 
 from .checkpoint import DEFAULT_MAX_BATCH_SIZE, load_checkpoint
 from .model import Transformer
-from llama2_edu.model_file import (
-    CheckpointError,
-    InputError,
-    InputTypeError,
-    ModelArgs,
-    check_int,
-)
+from .model_file import ModelArgs
+from llama2_edu.support import (  # the input checks and the chat-template sandbox
+    TEMPLATE_CHARS, TEMPLATE_MEMORY, TEMPLATE_SECONDS, TemplateBoundError, check_dialog,
+    check_dialogs, check_one_process, check_prompts, check_sampling, check_seed,
+    check_text_prompts, env_int, render_chat_template, render_in_worker,
+    template_environment, world_size,
+)  # fmt: skip
 from .tokenizer import Tokenizer
 
 # %% auto #0
-__all__ = ['Role', 'Dialog', 'B_INST', 'E_INST', 'B_SYS', 'E_SYS', 'SPECIAL_TAGS', 'UNSAFE_ERROR', 'TEMPLATE_CHARS',
-           'TEMPLATE_MEMORY', 'TEMPLATE_SECONDS', 'sample_top_p', 'top_k_logits', 'check_sampling', 'check_seed',
-           'is_greedy', 'sample_next', 'batch_layout', 'prefill', 'decode_steps', 'Message', 'CompletionPrediction',
-           'ChatPrediction', 'check_dialog', 'llama2_chat_tokens', 'TemplateBoundError', 'template_environment',
-           'render_in_worker', 'render_chat_template', 'env_int', 'world_size', 'check_one_process', 'check_prompts',
-           'check_text_prompts', 'check_dialogs', 'dialog_tokens', 'has_markup', 'predictions', 'Llama', 'stream_text']
+__all__ = ['Role', 'Dialog', 'B_INST', 'E_INST', 'B_SYS', 'E_SYS', 'SPECIAL_TAGS', 'UNSAFE_ERROR', 'top_p_probs', 'sample_top_p',
+           'top_k_logits', 'is_greedy', 'sampling_probs', 'sample_next', 'batch_layout', 'prefill', 'decode_steps',
+           'Message', 'CompletionPrediction', 'ChatPrediction', 'llama2_chat_tokens', 'dialog_tokens', 'has_markup',
+           'predictions', 'Llama', 'stream_text']
 
 # %% ../notebooks/09_generation.ipynb #b5b6c304
-def sample_top_p(
-    probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None
-) -> torch.Tensor:
-    """Meta's nucleus sampling: draw from the smallest set of most likely tokens whose
-    probabilities sum to at least `p`."""
-    # (bsz, vocab_size)
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+def top_p_probs(probs: torch.Tensor, p) -> torch.Tensor:
+    """Meta's nucleus as a distribution (bsz, vocab_size), in vocabulary order: the
+    smallest set of most likely tokens whose probabilities sum to at least `p` (a
+    number, or one per row: (bsz, 1)), renormalised; every other token 0."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (bsz, vocab)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     # the tokens before this one already cover p: drop it
     mask = probs_sum - probs_sort > p
     probs_sort[mask] = 0.0
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    # (bsz, 1), a rank
-    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
-    # (bsz, 1), a token id
-    return torch.gather(probs_idx, -1, next_token)
+    # each probability back at its token's id
+    return torch.zeros_like(probs).scatter_(-1, probs_idx, probs_sort)
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator=None) -> torch.Tensor:
+    """Meta's nucleus sampling: a token id (bsz, 1) drawn from the smallest set of most
+    likely tokens whose probabilities sum to at least `p`."""
+    return torch.multinomial(top_p_probs(probs, p), num_samples=1, generator=generator)
 
 # %% ../notebooks/09_generation.ipynb #3bb61503
-def top_k_logits(logits: torch.Tensor, k: Optional[int]) -> torch.Tensor:
-    """Keep the `k` largest logits of each row and set the others to -inf (`k` None or
-    0: keep all)."""
-    if not k or k >= logits.size(-1):
+def top_k_logits(logits: torch.Tensor, k) -> torch.Tensor:
+    """Keep the `k` largest logits of each row (bsz, vocab_size) and set the others to
+    -inf; `k` is a number or one per row, (bsz,); None or 0 keeps them all."""
+    vocab_size = logits.shape[-1]
+    k = torch.as_tensor(0 if k is None else k, device=logits.device)
+    k = torch.where(k > 0, k, vocab_size).clamp(max=vocab_size)
+    k = k.expand(logits.shape[:-1])  # (bsz,), or () for one row
+    if bool((k == vocab_size).all()):
         return logits
-    kth_best = torch.topk(logits, k, dim=-1).values[..., -1:]  # (bsz, 1)
+    kth_best = torch.topk(logits, int(k.max())).values.gather(-1, k[..., None] - 1)
     return logits.masked_fill(logits < kth_best, float("-inf"))
 
-# %% ../notebooks/09_generation.ipynb #3b3989d1
-def check_sampling(
-    temperature: float,
-    top_p: float,
-    top_k: Optional[int] = None,
-    max_gen_len: Optional[int] = None,
-    seed: Optional[int] = None,
-):
-    "Raise a ValueError naming the bad sampling parameter and its valid range."
-    real = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool)
-    if not (real(temperature) and math.isfinite(temperature) and temperature >= 0):
-        raise InputError(
-            f"temperature={temperature!r} is invalid: use a number >= 0 (0 means greedy"
-            " decoding)."
-        )
-    if not (real(top_p) and 0 < top_p <= 1):
-        raise InputError(
-            f"top_p={top_p!r} is invalid: use a probability in (0, 1] (1 keeps every"
-            " token)."
-        )
-    if top_k is not None:
-        check_int("top_k", top_k, minimum=0)  # 0 keeps every token
-    if max_gen_len is not None:
-        check_int("max_gen_len", max_gen_len, minimum=0)
-    if seed is not None:
-        check_seed(seed)
-
-
-def check_seed(seed) -> int:
-    "`seed` if torch's generators take it: an integer from 0 to 2**64 - 1."
-    if check_int("seed", seed, minimum=0) >= 2**64:
-        raise InputError(
-            f"seed={seed!r} is invalid: it must be an integer from 0 to 2**64 - 1."
-        )
-    return int(seed)
-
 # %% ../notebooks/09_generation.ipynb #fee30568
-def is_greedy(temperature: float, dtype) -> bool:
-    """True for temperature 0, and for one that rounds to 0 in `dtype` (1e-46 in fp32):
-    dividing the logits by it would give NaN, and greedy is what it means."""
-    return bool(torch.tensor(temperature, dtype=dtype) == 0)
+def is_greedy(temperature, dtype=torch.float32) -> torch.Tensor:
+    """True where the temperature is 0 or rounds to 0 in `dtype` (1e-46 in fp32): the
+    logits divided by it would be NaN, and greedy is what it means (per row, or one)."""
+    return torch.as_tensor(temperature, dtype=dtype) == 0
+
+
+def sampling_probs(logits, temperature, top_p=1.0, top_k=None) -> torch.Tensor:
+    """The distribution each row's next token is drawn from, (bsz, vocab_size), for
+    last-position logits (bsz, vocab_size): temperature, then top-k, then top-p; a
+    one-hot on the argmax where the temperature is greedy (`is_greedy`). Each parameter
+    is a number, or a tensor (bsz,) of one value per row."""
+    column = lambda x: torch.as_tensor(x, device=logits.device).reshape(-1, 1)
+    logits = logits.float()
+    greedy = is_greedy(column(temperature))  # (bsz or 1, 1)
+    temperature = torch.where(greedy, 1.0, column(temperature).float())
+    # the best is 0: a tiny temperature cannot overflow
+    logits = logits - logits.amax(dim=-1, keepdim=True)
+    probs = torch.softmax(top_k_logits(logits / temperature, top_k), dim=-1)
+    probs = top_p_probs(probs, column(top_p))
+    one_hot = F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    return torch.where(greedy, one_hot, probs)
 
 
 def sample_next(
-    logits: torch.Tensor,
-    temperature: float = 0.6,
-    top_p: float = 0.9,
-    top_k: Optional[int] = None,
+    logits: torch.Tensor, temperature=0.6, top_p=0.9, top_k=None,
     generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
-    """The next token (bsz,) from last-position logits (bsz, vocab_size): argmax if
-    temperature is 0, else sampled."""
-    if is_greedy(temperature, logits.dtype):
-        return torch.argmax(logits, dim=-1)
-    # the best is 0: a tiny temperature cannot overflow
-    logits = logits - logits.amax(dim=-1, keepdim=True)
-    # (bsz, vocab_size)
-    probs = torch.softmax(top_k_logits(logits / temperature, top_k), dim=-1)
-    return sample_top_p(probs, top_p, generator).reshape(-1)
+) -> torch.Tensor:  # fmt: skip
+    """The next token of each row (bsz,), from last-position logits (bsz, vocab_size):
+    the argmax where the temperature is greedy, else a draw from `sampling_probs`."""
+    greedy = is_greedy(temperature).to(logits.device)  # () or (bsz,)
+    best = logits.argmax(dim=-1)
+    if bool(greedy.all()):  # nothing to draw: the random state is left alone
+        return best
+    probs = sampling_probs(logits, temperature, top_p, top_k)
+    drawn = torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+    return torch.where(greedy, best, drawn)
 
 # %% ../notebooks/09_generation.ipynb #e340643d
 def batch_layout(
     prompt_tokens: List[List[int]], max_gen_len: int, max_seq_len: int, device
-) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
-    """The batch layout: prompts right-aligned in `tokens` (bsz, total_len), all ending
-    at `prompt_end`, the longest prompt's length; `pad` (bsz, total_len) is True at the
-    left padding of shorter prompts (or None)."""
-    prompt_lens = torch.tensor([len(t) for t in prompt_tokens], device=device)  # (bsz,)
-    prompt_end = int(prompt_lens.max())
-    total_len = min(max_seq_len, max_gen_len + prompt_end)
-    tokens = torch.zeros(
-        (len(prompt_tokens), total_len), dtype=torch.long, device=device
-    )
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch layout: each prompt at positions 0 .. len - 1 of its row of `tokens`
+    (bsz, total_len), the rest 0; `prompt_lens` (bsz,); `ends` (bsz,), the position
+    where each row stops, min(max_seq_len, prompt_len + max_gen_len)."""
+    prompt_lens = torch.tensor([len(t) for t in prompt_tokens], device=device)
+    ends = (prompt_lens + max_gen_len).clamp(max=max_seq_len)
+    bsz, total_len = len(prompt_tokens), int(ends.max())
+    tokens = torch.zeros((bsz, total_len), dtype=torch.long, device=device)
     for k, t in enumerate(prompt_tokens):
-        tokens[k, prompt_end - len(t) : prompt_end] = torch.tensor(
-            t, dtype=torch.long, device=device
-        )
-    # (bsz, total_len)
-    pad = torch.arange(total_len, device=device) < (prompt_end - prompt_lens)[:, None]
-    return tokens, (pad if bool(pad.any()) else None), prompt_end
+        tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+    return tokens, prompt_lens, ends
 
 
-def prefill(model: Transformer, tokens, pad, prompt_end: int, all_logits=False):
-    """The prefill: the prompts' keys and values into the caches, and their logits,
-    (bsz, prompt_end, vocab_size), or (bsz, 1, vocab_size) of the last position only
-    unless `all_logits`. One forward pass over the batch, except for prompts of
-    different lengths when only the last logits are needed: then one pass per prompt
-    over its own tokens, so that padding costs nothing (chapter 10)."""
-    if pad is None or all_logits:
-        return model.forward(
-            tokens[:, :prompt_end],
-            0,
-            last_only=not all_logits,
-            pad=None if pad is None else pad[:, :prompt_end],
-        )
-    logits = []
-    # each prompt in row 0 of the caches, then copied to its own row; the last first
-    for k in reversed(range(tokens.shape[0])):
-        first = int(pad[k, :prompt_end].sum())  # where prompt k starts
-        logits.append(
-            model.forward(
-                tokens[k : k + 1, first:prompt_end],
-                first,
-                pad=pad[k : k + 1, :prompt_end],
-                last_only=True,
-            )
-        )
-        if k > 0:
-            for layer in model.layers:
-                layer.attention.cache.copy_row(0, k, prompt_end)
-    # (bsz, 1, vocab_size)
-    return torch.cat(logits[::-1])
+def prefill(model: Transformer, tokens, prompt_lens, all_logits=False):
+    """One forward pass over all prompts, each from position 0, that fills the caches:
+    the logits after each row's last prompt token (bsz, vocab_size), and with
+    `all_logits` those of every position (bsz, prompt_end, vocab_size), else None."""
+    prompt_end = int(prompt_lens.max())  # prompts of one length: the last logits alone
+    last_only = not all_logits and bool((prompt_lens == prompt_end).all())
+    logits = model.forward(tokens[:, :prompt_end], 0, last_only=last_only)
+    if last_only:
+        return logits[:, -1], None
+    rows = torch.arange(len(tokens), device=tokens.device)
+    # (bsz, vocab_size): each row's own last prompt position, not the batch's
+    return logits[rows, prompt_lens - 1], (logits if all_logits else None)
 
 
 def decode_steps(
-    model: Transformer,
-    tokens,
-    pad,
-    prompt_end: int,
-    eos_id: int,
-    temperature,
-    top_p,
-    top_k,
-    generator,
-    all_logits=False,
-    ignore_eos=False,
-):
-    """The decoding loop: the prefill, then one position per step, filling `tokens` in
-    place; yield `(prev_pos, cur_pos, logits)` after each step (the logits of positions
-    prev_pos .., of the last one only unless `all_logits`), until every sequence has
-    produced `eos_id` (unless `ignore_eos`) or `tokens` is full."""
-    if prompt_end == tokens.shape[1]:
-        return  # no room to generate
-    eos_reached = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-    # (bsz, prompt_end or 1, vocab_size)
-    logits = prefill(model, tokens, pad, prompt_end, all_logits)
-    prev_pos = 0
-    for cur_pos in range(prompt_end, tokens.shape[1]):
-        # (bsz,)
-        next_token = sample_next(logits[:, -1], temperature, top_p, top_k, generator)
-        tokens[:, cur_pos] = next_token
-        eos_reached |= next_token == eos_id
-        yield prev_pos, cur_pos, logits
-        if cur_pos + 1 == tokens.shape[1] or (not ignore_eos and eos_reached.all()):
-            break
-        prev_pos = cur_pos
-        # (bsz, 1, vocab_size): the new token's
-        logits = model.forward(
-            tokens[:, cur_pos : cur_pos + 1],
-            cur_pos,
-            pad=None if pad is None else pad[:, : cur_pos + 1],
-        )
+    model: Transformer, tokens, prompt_lens, ends, logits, eos_id: int, temperature,
+    top_p, top_k, generator, ignore_eos=False,
+):  # fmt: skip
+    """The loop after the prefill, whose `logits` (bsz, vocab_size) give each row's
+    next token: row b writes one token a step into `tokens`, at prompt_lens[b] + step,
+    until ends[b] or `eos_id` (unless `ignore_eos`). Yields `(pos, live, logits)`:
+    where each row wrote (bsz,), which rows wrote a token, the logits it came from."""
+    rows = torch.arange(len(tokens), device=tokens.device)
+    done = prompt_lens >= ends  # (bsz,): no room to generate
+    for step in range(int((ends - prompt_lens).max())):
+        # (bsz,): a finished row stays at its last position, and keeps its token
+        pos = torch.minimum(prompt_lens + step, ends - 1)
+        next_token = sample_next(logits, temperature, top_p, top_k, generator)
+        next_token = torch.where(done, tokens[rows, pos], next_token)
+        tokens[rows, pos] = next_token
+        yield pos, ~done, logits
+        done |= pos + 1 == ends
+        if not ignore_eos:
+            done |= next_token == eos_id
+        if bool(done.all()):
+            return
+        # (bsz, vocab_size): each row's new token, at its own position
+        logits = model.forward(next_token[:, None], pos)[:, -1]
 
 # %% ../notebooks/09_generation.ipynb #9d5d235c
 Role = Literal["system", "user", "assistant"]
@@ -243,48 +180,6 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
 UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 
-# %% ../notebooks/09_generation.ipynb #57da6ceb
-def check_dialog(dialog: Dialog) -> Dialog:
-    """Raise an error naming the problem unless `dialog` is a list of messages
-    [system?], user, assistant, ..., user."""
-    if isinstance(dialog, (str, dict)) or not isinstance(dialog, (list, tuple)):
-        raise InputTypeError(
-            "A dialog is a list of messages, e.g. [{'role': 'user', 'content':"
-            f" 'Hello'}}], not a {type(dialog).__name__}; chat_completion takes a list"
-            " of dialogs."
-        )
-    for i, m in enumerate(dialog):
-        if not (
-            isinstance(m, dict)
-            and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str)
-        ):
-            raise InputError(
-                f"Message {i} of the dialog is {m!r}: each message is a dict with a"
-                " 'role' and a str 'content', e.g. {'role': 'user', 'content':"
-                " 'Hello'}."
-            )
-    if not dialog or (dialog[0]["role"] == "system" and len(dialog) == 1):
-        raise InputError(
-            "A dialog needs at least one user message, e.g. [{'role': 'user',"
-            " 'content': 'Hello'}]."
-        )
-    turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
-    if not (
-        all(m["role"] == "user" for m in turns[::2])
-        and all(m["role"] == "assistant" for m in turns[1::2])
-    ):
-        raise InputError(
-            "The model only supports 'system', 'user' and 'assistant' roles, starting"
-            " with 'system', then 'user' and alternating (u/a/u/a/u...); got"
-            f" {[m['role'] for m in dialog]}."
-        )
-    if turns[-1]["role"] != "user":
-        raise InputError(
-            f"The last message must be from the user, got {turns[-1]['role']!r}."
-        )
-    return dialog
-
 # %% ../notebooks/09_generation.ipynb #4c954ef9
 def llama2_chat_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
     """Meta's Llama 2 chat prompt, per turn:
@@ -292,316 +187,32 @@ def llama2_chat_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
     dialog = check_dialog(dialog)
     # the system prompt goes inside the first user message
     if dialog[0]["role"] == "system":
-        dialog = [
-            {
-                "role": dialog[1]["role"],
-                "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"],
-            }
-        ] + dialog[2:]
+        content = B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]
+        dialog = [{"role": dialog[1]["role"], "content": content}] + dialog[2:]
     tokens = []
     # each finished turn: its own <s> ... </s>
     for prompt, answer in zip(dialog[::2], dialog[1::2]):
         tokens += tokenizer.encode(
             f"{B_INST} {prompt['content'].strip()} {E_INST}"
             f" {answer['content'].strip()} ",
-            bos=True,
-            eos=True,
-        )
+            bos=True, eos=True,
+        )  # fmt: skip
     tokens += tokenizer.encode(
         f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False
     )
     return tokens
 
-# %% ../notebooks/09_generation.ipynb #c4593a2b
-# bounds on rendering a chat template, which comes with the model file, not from you
-TEMPLATE_CHARS = 1 << 24  # the longest string (and output) a template may build
-TEMPLATE_MEMORY = 1 << 28  # bytes it may allocate (where the OS enforces RLIMIT_AS)
-TEMPLATE_SECONDS = 5.0  # wall-clock time it may take
-
-
-class TemplateBoundError(Exception):
-    "A chat template went past one of the bounds above."
-
-
-@functools.lru_cache(maxsize=None)
-def template_environment():
-    """The Jinja environment chat templates run in, as transformers sets it up:
-    sandboxed and immutable (no attribute escapes, no changing the messages),
-    `trim_blocks`/`lstrip_blocks`, `{% break %}`/`{% continue %}`, `{% generation %}`
-    (its body rendered as is), `raise_exception` and `strftime_now`; and bounded:
-    `*`, `**` and `+` refuse a result above TEMPLATE_CHARS before computing it (the
-    sandbox already caps `range` at 100,000 items, with an OverflowError)."""
-    from datetime import datetime
-
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(Extension):
-        "`{% generation %}...{% endgeneration %}`: the body, rendered in place."
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            next(parser.stream)
-            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-    def size(x):
-        return len(x) if isinstance(x, (str, list, tuple)) else 1
-
-    def sequence(x):
-        return isinstance(x, (str, list, tuple))
-
-    class BoundedEnvironment(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset({"*", "**", "+"})
-
-        def call_binop(self, context, operator, left, right):
-            ints = [x for x in (left, right) if isinstance(x, int)]
-            if operator == "*" and ints and (sequence(left) or sequence(right)):
-                too_big = size(left) * size(right) * ints[0] > TEMPLATE_CHARS
-            elif operator == "**" and len(ints) == 2:
-                too_big = abs(left) > 1 and right * left.bit_length() > 64 * 1024
-            elif operator == "+":
-                too_big = size(left) + size(right) > TEMPLATE_CHARS
-            else:
-                too_big = False
-            if too_big:
-                raise TemplateBoundError(
-                    f"its {operator!r} would build a value of more than"
-                    f" {TEMPLATE_CHARS:,} characters (or a huge number)"
-                )
-            return super().call_binop(context, operator, left, right)
-
-    def raise_exception(message):
-        raise InputError(f"The chat template refused the dialog: {message}")
-
-    env = BoundedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, Generation]
-    )
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
-
-
-def render_in_worker(render, seconds: float, memory: int) -> str:
-    """`render()` in a forked child process, which this process kills after `seconds`
-    of wall-clock time, whatever the child is doing (a huge integer division, a filter
-    written in Python); the child alone limits its address space to `memory` more bytes
-    (RLIMIT_AS). Nothing of this process changes: no limit, no trace function, no
-    signal handler. Where fork is not available, `render()` runs here, bounded only by
-    the sandbox's own limits."""
-    try:
-        context = multiprocessing.get_context("fork")
-    except ValueError:  # Windows
-        return render()
-    receive, send = context.Pipe(duplex=False)
-
-    def child():
-        try:
-            with contextlib.suppress(ImportError, OSError, ValueError):
-                import resource
-
-                with open("/proc/self/statm") as f:  # pages of address space in use
-                    in_use = int(f.read().split()[0]) * resource.getpagesize()
-                hard = resource.getrlimit(resource.RLIMIT_AS)[1]
-                resource.setrlimit(resource.RLIMIT_AS, (in_use + memory, hard))
-            send.send(("text", render()))
-        except InputError as e:  # the template's own raise_exception
-            send.send(("refused", str(e)))
-        except BaseException as e:  # TemplateError, MemoryError, RecursionError, ...
-            reason = "out of memory" if isinstance(e, MemoryError) else e
-            send.send(("failed", f"{type(e).__name__}: {reason}"))
-
-    worker = context.Process(target=child, daemon=True)
-    worker.start()
-    send.close()
-    try:
-        if not receive.poll(seconds):
-            raise TemplateBoundError(
-                f"TemplateBoundError: it ran for more than {seconds:g} s"
-            )
-        kind, value = receive.recv()
-    except EOFError:  # the child died without a word (killed for its memory)
-        kind, value = "failed", "MemoryError: its process died (out of memory?)"
-    finally:
-        worker.kill()
-        worker.join()
-        receive.close()
-    if kind == "refused":
-        raise InputError(value)
-    if kind == "failed":
-        raise TemplateBoundError(value)
-    return value
-
-
-def render_chat_template(
-    template: str,
-    dialog: Dialog,
-    bos_token: str = "",
-    eos_token: str = "",
-    add_generation_prompt: bool = True,
-    source: str = "the tokenizer",
-) -> str:
-    """Render a Jinja chat template (as stored in GGUF and Hugging Face tokenizers) for
-    `dialog`, within the bounds above, in a worker process (`render_in_worker`). Any
-    failure, from a syntax error to a template that loops for ever, is a
-    CheckpointError naming `source` (the file it came from); the template's own
-    `raise_exception` is an InputError."""
-    environment = template_environment()  # built here, once: each child inherits it
-
-    def render():
-        chunks = (
-            environment.from_string(template)
-            .generate(
-                messages=list(dialog),
-                bos_token=bos_token,
-                eos_token=eos_token,
-                add_generation_prompt=add_generation_prompt,
-            )
-        )
-        text, n = [], 0
-        for chunk in chunks:  # an output budget, counted as it is produced
-            n += len(chunk)
-            if n > TEMPLATE_CHARS:
-                raise TemplateBoundError(
-                    f"it wrote more than {TEMPLATE_CHARS:,} characters"
-                )
-            text.append(chunk)
-        return "".join(text)
-
-    try:
-        return render_in_worker(render, TEMPLATE_SECONDS, TEMPLATE_MEMORY)
-    except InputError:
-        raise
-    except Exception as e:  # TemplateBoundError, or a failure where fork is missing
-        reason = e if isinstance(e, TemplateBoundError) else f"{type(e).__name__}: {e}"
-        raise CheckpointError(
-            f"The chat template of {source} (tokenizer.chat_template) cannot be"
-            f" rendered: {reason}. Drop --chat (or call text_completion) to continue"
-            " plain text, or use a file with a working template."
-        ) from None
-
 # %% ../notebooks/09_generation.ipynb #0d96f43e
-def env_int(name: str, default: int, minimum: int = 0) -> int:
-    """The integer environment variable `name` (torchrun sets WORLD_SIZE, RANK and
-    LOCAL_RANK for each process), or an InputError naming it."""
-    value = os.environ.get(name, "").strip() or str(default)
-    try:
-        number = int(value)
-    except ValueError:
-        number = None
-    if number is None or number < minimum:
-        raise InputError(
-            f"The environment variable {name}={value!r} is not an integer >= {minimum}:"
-            " torchrun sets it for each process it starts; unset it to run in one"
-            " process."
-        )
-    return number
-
-
-def world_size() -> int:
-    "How many processes torchrun started (1 without torchrun)."
-    return env_int("WORLD_SIZE", 1, minimum=1)
-
-
-def check_one_process(model_parallel_size: Optional[int]):
-    "Refuse a model-parallel build: this chapter's `Llama.build` holds the whole model."
-    if world_size() > 1 or model_parallel_size not in (None, 1):
-        raise InputError(
-            "This Llama.build holds the whole model in one process: under torchrun,"
-            " use llama2_edu.Llama.build or llama2_edu.load, which load each"
-            " process's slice."
-        )
-
-
-def check_prompts(
-    params: ModelArgs, tokenizer: Tokenizer, prompt_tokens: Sequence[Sequence[int]]
-) -> List[List[int]]:
-    """The prompts as lists of ints (ids may be numpy integers or 0-d tensors), or
-    an error naming the first problem: not a list of prompts, none, more than
-    `max_batch_size`, an empty one, one longer than `max_seq_len`, an unknown id."""
-    one_id = lambda t: isinstance(t, (str, numbers.Integral)) or (
-        getattr(t, "ndim", None) == 0
-    )
-    if isinstance(prompt_tokens, str) or any(map(one_id, prompt_tokens)):
-        raise InputTypeError(
-            "prompt_tokens must be a list of prompts, each a list of token ids:"
-            " write generate([ids])."
-        )
-    if not len(prompt_tokens):
-        raise InputError("No prompts: pass a list with at least one prompt.")
-    if len(prompt_tokens) > params.max_batch_size:
-        raise InputError(
-            f"{len(prompt_tokens)} prompts are more than"
-            f" max_batch_size={params.max_batch_size}: pass fewer prompts at once,"
-            " or load the model with a larger max_batch_size."
-        )
-    prompts = []
-    for i, t in enumerate(prompt_tokens):
-        if len(t) == 0:
-            raise InputError(
-                f"Prompt {i} is empty (no tokens): give the model at least one"
-                " token to continue."
-            )
-        if len(t) > params.max_seq_len:
-            raise InputError(
-                f"Prompt {i} has {len(t)} tokens, more than"
-                f" max_seq_len={params.max_seq_len}: shorten it, or load the model"
-                " with a larger max_seq_len."
-            )
-        # every id a row of the embedding
-        prompts.append(tokenizer.check_ids(t))
-    return prompts
-
-
-def check_text_prompts(prompts) -> List[str]:
-    "`text_completion`'s prompts as a list of str, or an error naming the problem."
-    if isinstance(prompts, str) or not isinstance(prompts, Iterable):
-        raise InputTypeError(
-            "prompts must be a list of strings: write text_completion([prompt])."
-        )
-    prompts = list(prompts)  # a generator is read once, here
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise InputTypeError(
-                f"prompts[{i}] is {prompt!r}: each prompt must be a str."
-            )
-    return prompts
-
-
-def check_dialogs(dialogs) -> List[Dialog]:
-    "`chat_completion`'s dialogs as a list, or an error naming the problem."
-    if not isinstance(dialogs, (dict, str)) and isinstance(dialogs, Iterable):
-        dialogs = list(dialogs)  # a generator is read once, here
-    if not isinstance(dialogs, list) or (dialogs and isinstance(dialogs[0], dict)):
-        raise InputTypeError(
-            "dialogs must be a list of dialogs, each a list of messages: "
-            "write chat_completion([dialog])."
-        )
-    return dialogs
-
-
 def dialog_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
     """A dialog's token ids in the checkpoint's chat format: its own Jinja template if
     it has one, else Llama 2's."""
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         return llama2_chat_tokens(tokenizer, dialog)
+    # "" for a tokenizer without BOS or EOS (id -1)
+    bos, eos = (tokenizer.id_to_piece(i) for i in (tokenizer.bos_id, tokenizer.eos_id))
     source = tokenizer.source or "the tokenizer"
-    text = render_chat_template(
-        template,
-        check_dialog(dialog),
-        # "" for a tokenizer without them (id -1)
-        bos_token=tokenizer.id_to_piece(tokenizer.bos_id),
-        eos_token=tokenizer.id_to_piece(tokenizer.eos_id),
-        source=source,
-    )
-    if not text:
-        raise CheckpointError(
-            f"The chat template of {source} (tokenizer.chat_template) wrote nothing"
-            " for this dialog, so there is no prompt to answer: use a file with a"
-            " working template, or drop --chat (call text_completion) to continue"
-            " plain text."
-        )
+    text = render_chat_template(template, check_dialog(dialog), bos, eos, source=source)
     # the template writes the special tokens (<s>, <|im_start|>) as text
     return tokenizer.encode_markup(text)
 
@@ -617,17 +228,12 @@ def has_markup(tokenizer: Tokenizer, dialog: Dialog) -> bool:
 
 
 def predictions(
-    tokenizer: Tokenizer,
-    generation_tokens,
-    generation_logprobs,
-    wrap=lambda text: text,
-    unsafe=None,
-    contexts=None,
-) -> list:
+    tokenizer: Tokenizer, generation_tokens, generation_logprobs,
+    wrap=lambda text: text, unsafe=None, contexts=None,
+) -> list:  # fmt: skip
     """Meta's prediction dicts: each generation decoded (or UNSAFE_ERROR), wrapped as
-    a message for chat, with its tokens and log-probabilities if there are any. With
-    `contexts` (the prompts' ids), each generation is decoded as it reads after its
-    prompt, so that `prompt + generation` is the text the model wrote."""
+    a message for chat, with its tokens and log-probabilities if any; with `contexts`
+    (the prompts' ids), decoded as it reads after its prompt."""
     unsafe = unsafe or [False] * len(generation_tokens)
     contexts = contexts or [[]] * len(generation_tokens)
     out = []
@@ -648,38 +254,23 @@ class Llama:
 
     @staticmethod
     def build(
-        ckpt_dir,
-        tokenizer_path=None,
-        max_seq_len: Optional[int] = None,
+        ckpt_dir, tokenizer_path=None, max_seq_len: Optional[int] = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        model_parallel_size: Optional[int] = None,
-        seed: int = 1,
-        *,
-        device=None,
+        model_parallel_size: Optional[int] = None, seed: int = 1, *, device=None,
         dtype=None,
-    ) -> "Llama":
-        """Meta's `Llama.build`: the model and tokenizer of `load_checkpoint` (any
-        source it accepts), whole, in this process; Meta's shards are merged, so
-        `model_parallel_size` may be None or 1. `seed` seeds this object's own random
-        generator (Meta seeds torch's global one)."""
+    ) -> "Llama":  # fmt: skip
+        "Meta's `Llama.build`: the whole model here, from what load_checkpoint reads."
         check_one_process(model_parallel_size)
         model, tokenizer = load_checkpoint(
-            ckpt_dir,
-            tokenizer_path=tokenizer_path,
-            device=device,
-            dtype=dtype,
-            max_seq_len=max_seq_len,
-            max_batch_size=max_batch_size,
-        )
+            ckpt_dir, tokenizer_path=tokenizer_path, device=device, dtype=dtype,
+            max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+        )  # fmt: skip
         return Llama(model, tokenizer, seed=seed)
 
-    def __init__(
-        self, model: Transformer, tokenizer: Tokenizer, seed: Optional[int] = None
-    ):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed=None):
         self.model, self.tokenizer = model, tokenizer
         self.seed = None if seed is None else check_seed(seed)
-        # created on the model's device on first use when `seed` is set
-        self.generator = None
+        self.generator = None  # made on the model's device on first use, if seeded
 
     @property
     def args(self) -> ModelArgs:
@@ -691,216 +282,138 @@ class Llama:
 
     @torch.inference_mode()
     def generate(
-        self,
-        prompt_tokens: List[List[int]],
-        max_gen_len: int,
-        temperature: float = 0.6,
-        top_p: float = 0.9,
-        logprobs: bool = False,
-        echo: bool = False,
-        *,
-        top_k: Optional[int] = None,
-        seed: Optional[int] = None,
-        ignore_eos: bool = False,
-    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        self, prompt_tokens: List[List[int]], max_gen_len: int,
+        temperature: float = 0.6, top_p: float = 0.9, logprobs: bool = False,
+        echo: bool = False, *, top_k: Optional[int] = None,
+        seed: Optional[int] = None, ignore_eos: bool = False,
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:  # fmt: skip
         """Meta's batched decoding loop: continue each prompt (a list of token ids)
-        until EOS or `max_gen_len` tokens (exactly `max_gen_len`, EOS included, with
-        `ignore_eos=True`, as benchmarks want)."""
+        until EOS or `max_gen_len` tokens (exactly `max_gen_len` with `ignore_eos`)."""
         prompt_tokens = check_prompts(self.args, self.tokenizer, prompt_tokens)
         max_gen_len = self.default_max_gen_len(max_gen_len)
         check_sampling(temperature, top_p, top_k, max_gen_len, seed)
-        lengths = sorted({len(t) for t in prompt_tokens})
-        if len(lengths) > 1 and lengths[-1] + max_gen_len > self.args.max_seq_len:
-            # right-aligned behind the longest, a shorter prompt would get fewer new
-            # tokens than alone: run the prompts of each length as a batch of its own
-            out = [None] * len(prompt_tokens), [None] * len(prompt_tokens)
-            for n in lengths:
-                rows = [i for i, t in enumerate(prompt_tokens) if len(t) == n]
-                toks, probs = self.generate(
-                    [prompt_tokens[i] for i in rows], max_gen_len, temperature, top_p,
-                    logprobs, echo, top_k=top_k, seed=seed, ignore_eos=ignore_eos,
-                )  # fmt: skip
-                for j, i in enumerate(rows):
-                    out[0][i], out[1][i] = toks[j], probs[j] if logprobs else None
-            return out[0], out[1] if logprobs else None
         eos_id = self.tokenizer.eos_id
-        tokens, pad, prompt_end = batch_layout(
+        tokens, prompt_lens, ends = batch_layout(
             prompt_tokens, max_gen_len, self.args.max_seq_len, self.device
         )
-        # (bsz, total_len)
+        logits, all_logits = prefill(self.model, tokens, prompt_lens, logprobs)
         token_logprobs = torch.zeros_like(tokens, dtype=torch.float)
-        # log p(token | the tokens before it), of the tokens at positions start + 1 ..
-        score = lambda logits, start: -F.cross_entropy(
-            logits.transpose(1, 2),
-            tokens[:, start + 1 : start + 1 + logits.shape[1]],
-            reduction="none",
-        )
-        if prompt_end == tokens.shape[1] and logprobs:  # nothing to generate
-            logits = self.model.forward(tokens, 0, pad=pad)
-            token_logprobs[:, 1:] = score(logits[:, :-1], 0)
-        steps = decode_steps(
-            self.model, tokens, pad, prompt_end, eos_id, temperature, top_p, top_k,
-            self._generator(seed), all_logits=logprobs, ignore_eos=ignore_eos,
-        )  # fmt: skip
-        for prev_pos, cur_pos, logits in steps:
-            if logprobs:  # logits at prev_pos .. predict the tokens at prev_pos + 1 ..
-                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = score(logits, prev_pos)
+        if logprobs:  # log p(token | the tokens before it); the first token's: 0
+            n = all_logits.shape[1]
+            token_logprobs[:, 1:n] = -F.cross_entropy(
+                all_logits[:, :-1].transpose(1, 2), tokens[:, 1:n], reduction="none"
+            )
+        rows = torch.arange(len(tokens), device=tokens.device)
+        for pos, live, logits in decode_steps(
+            self.model, tokens, prompt_lens, ends, logits, eos_id, temperature, top_p,
+            top_k, self._generator(seed), ignore_eos,
+        ):  # fmt: skip
+            if logprobs:  # the new tokens' (over a shorter prompt's padding)
+                score = -F.cross_entropy(logits, tokens[rows, pos], reduction="none")
+                token_logprobs[rows[live], pos[live]] = score[live]
 
         out_tokens, out_logprobs = [], []
         for i, toks in enumerate(tokens.tolist()):
-            # where this prompt starts, after its padding
-            first = prompt_end - len(prompt_tokens[i])
-            start = first if echo else prompt_end
-            toks = toks[start : prompt_end + max_gen_len]  # cut to max_gen_len
-            probs = token_logprobs[i, start : prompt_end + max_gen_len].tolist()
-            if echo:  # the first token of a sequence has no log-probability: 0
-                probs[0] = 0.0
-            generated = toks[prompt_end - start :]
-            # cut at the first EOS the model wrote (not in the prompt)
-            if eos_id in generated and not ignore_eos:
-                end = prompt_end - start + generated.index(eos_id)
+            # cut to max_gen_len
+            n = len(prompt_tokens[i])
+            start = 0 if echo else n
+            toks = toks[start : n + max_gen_len]
+            probs = token_logprobs[i, start : n + max_gen_len].tolist()
+            # cut at the first EOS the model wrote (a chat prompt holds EOS too)
+            if eos_id in toks[n - start :] and not ignore_eos:
+                end = toks.index(eos_id, n - start)
                 toks, probs = toks[:end], probs[:end]
             out_tokens.append(toks)
             out_logprobs.append(probs)
         return out_tokens, out_logprobs if logprobs else None
 
     def text_completion(
-        self,
-        prompts: List[str],
-        temperature: float = 0.6,
-        top_p: float = 0.9,
-        max_gen_len: Optional[int] = None,
-        logprobs: bool = False,
-        echo: bool = False,
-        *,
-        top_k: Optional[int] = None,
-        seed: Optional[int] = None,
-        ignore_eos: bool = False,
-    ) -> List[CompletionPrediction]:
-        """Meta's `text_completion`: continue each prompt (any number:
-        `max_batch_size` at a time); one dict per prompt."""
-        prompts = check_text_prompts(prompts)
-        max_gen_len = self.default_max_gen_len(max_gen_len)
-        prompt_tokens = [self.encode_prompt(x) for x in prompts]
+        self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
+        max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False,
+        *, top_k: Optional[int] = None, seed: Optional[int] = None, ignore_eos=False,
+    ) -> List[CompletionPrediction]:  # fmt: skip
+        "Meta's `text_completion`: continue each prompt; one dict per prompt."
+        prompt_tokens = [self.encode_prompt(x) for x in check_text_prompts(prompts)]
         generation_tokens, generation_logprobs = self._generate_all(
             prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
             top_k=top_k, seed=seed, ignore_eos=ignore_eos,
         )  # fmt: skip
-        return predictions(
-            self.tokenizer,
-            generation_tokens,
-            generation_logprobs,
-            contexts=None if echo else prompt_tokens,
-        )
+        return predictions(self.tokenizer, generation_tokens, generation_logprobs,
+                           contexts=None if echo else prompt_tokens)  # fmt: skip
 
     def chat_completion(
-        self,
-        dialogs: List[Dialog],
-        temperature: float = 0.6,
-        top_p: float = 0.9,
-        max_gen_len: Optional[int] = None,
-        logprobs: bool = False,
-        *,
-        top_k: Optional[int] = None,
-        seed: Optional[int] = None,
-    ) -> List[ChatPrediction]:
-        """Meta's `chat_completion`: the assistant's next message for each dialog (any
-        number), in its chat format."""
+        self, dialogs: List[Dialog], temperature: float = 0.6, top_p: float = 0.9,
+        max_gen_len: Optional[int] = None, logprobs: bool = False, *,
+        top_k: Optional[int] = None, seed: Optional[int] = None,
+    ) -> List[ChatPrediction]:  # fmt: skip
+        "Meta's `chat_completion`: the assistant's next message for each dialog."
         dialogs = check_dialogs(dialogs)
-        max_gen_len = self.default_max_gen_len(max_gen_len)
         prompt_tokens = [self.encode_dialog(dialog) for dialog in dialogs]
-        unsafe = [self.is_unsafe(dialog) for dialog in dialogs]
         generation_tokens, generation_logprobs = self._generate_all(
             prompt_tokens, max_gen_len, temperature, top_p, logprobs, top_k=top_k,
             seed=seed,
         )  # fmt: skip
         return predictions(
-            self.tokenizer,
-            generation_tokens,
-            generation_logprobs,
+            self.tokenizer, generation_tokens, generation_logprobs,
             wrap=lambda text: {"role": "assistant", "content": text},
-            unsafe=unsafe,
-        )
+            unsafe=[self.is_unsafe(dialog) for dialog in dialogs],
+        )  # fmt: skip
 
     @torch.inference_mode()
     def generate_stream(
-        self,
-        prompt_tokens: List[int],
-        max_gen_len: int,
-        temperature: float = 0.6,
-        top_p: float = 0.9,
-        *,
-        top_k: Optional[int] = None,
-        seed: Optional[int] = None,
-    ) -> Iterator[int]:
-        """Yield the token ids `generate` would produce for one prompt, one at a time,
-        as soon as each is sampled."""
+        self, prompt_tokens: List[int], max_gen_len: int, temperature: float = 0.6,
+        top_p: float = 0.9, *, top_k: Optional[int] = None, seed: Optional[int] = None,
+    ) -> Iterator[int]:  # fmt: skip
+        "Yield the token ids `generate` would write for one prompt, as each is drawn."
         (prompt_tokens,) = check_prompts(self.args, self.tokenizer, [prompt_tokens])
         max_gen_len = self.default_max_gen_len(max_gen_len)
         check_sampling(temperature, top_p, top_k, max_gen_len, seed)
         eos_id = self.tokenizer.eos_id
-        # (1, total_len), no padding
-        tokens, pad, prompt_end = batch_layout(
+        tokens, prompt_lens, ends = batch_layout(
             [prompt_tokens], max_gen_len, self.args.max_seq_len, self.device
         )
-        for _, cur_pos, _ in decode_steps(
-            self.model, tokens, pad, prompt_end, eos_id, temperature, top_p, top_k,
-            self._generator(seed),
+        logits, _ = prefill(self.model, tokens, prompt_lens)
+        for pos, _, _ in decode_steps(
+            self.model, tokens, prompt_lens, ends, logits, eos_id, temperature, top_p,
+            top_k, self._generator(seed),
         ):  # fmt: skip
-            token = tokens[0, cur_pos].item()
+            token = tokens[0, pos[0]].item()
             if token == eos_id:
                 return
             yield token
 
     def stream(
-        self,
-        prompt: Union[str, Dialog],
-        temperature: float = 0.6,
-        top_p: float = 0.9,
-        max_gen_len: Optional[int] = None,
-        *,
-        top_k: Optional[int] = None,
-        seed: Optional[int] = None,
-    ) -> Iterator[str]:
+        self, prompt: Union[str, Dialog], temperature: float = 0.6, top_p: float = 0.9,
+        max_gen_len: Optional[int] = None, **kw,  # top_k, seed: as generate's
+    ) -> Iterator[str]:  # fmt: skip
         """Yield the completion of a text prompt (a str) or the answer to a dialog (a
         list of messages) piece by piece (`stream_text`: the section on streaming)."""
-        max_gen_len = self.default_max_gen_len(max_gen_len)
-        if isinstance(prompt, str):
-            prompt_tokens = self.encode_prompt(prompt)
-        else:
-            prompt_tokens = self.encode_dialog(prompt)
-            if self.is_unsafe(prompt):
-                yield UNSAFE_ERROR
-                return
-        yield from stream_text(
-            self.tokenizer,
-            self.generate_stream(
-                prompt_tokens, max_gen_len, temperature, top_p, top_k=top_k, seed=seed
-            ),
-            # a completion reads on from its prompt, an answer starts afresh
-            context=prompt_tokens if isinstance(prompt, str) else (),
-        )
+        text = isinstance(prompt, str)
+        encode = self.encode_prompt if text else self.encode_dialog
+        prompt_tokens = encode(prompt)
+        if not text and self.is_unsafe(prompt):
+            yield UNSAFE_ERROR
+            return
+        ids = self.generate_stream(prompt_tokens, max_gen_len, temperature, top_p, **kw)
+        # a completion reads on from its prompt, an answer starts afresh
+        yield from stream_text(self.tokenizer, ids, prompt_tokens if text else ())
 
-    def _generate_all(
-        self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo=False, **kw
-    ):
-        """`generate` on any number of prompts: `max_batch_size` at a time (chunk k
-        seeded with seed + k)."""
-        size, seed = self.args.max_batch_size, kw.pop("seed", None)
+    def _generate_all(self, prompt_tokens, max_gen_len, *args, seed=None, **kw):
+        "`generate` on any number of prompts, `max_batch_size` at a time (seed + k)."
+        size = self.args.max_batch_size
         seed = None if seed is None else check_seed(seed)  # before seed + k
         out_tokens, out_logprobs = [], []
         for k in range(0, max(len(prompt_tokens), 1), size):
             toks, probs = self.generate(
-                prompt_tokens[k : k + size], max_gen_len, temperature, top_p,
-                logprobs, echo, seed=None if seed is None else seed + k // size, **kw,
+                prompt_tokens[k : k + size], max_gen_len, *args,
+                seed=None if seed is None else seed + k // size, **kw,
             )  # fmt: skip
             out_tokens += toks
             out_logprobs += probs or []
-        return out_tokens, out_logprobs if logprobs else None
+        return out_tokens, out_logprobs or None
 
     def _generator(self, seed: Optional[int]) -> Optional[torch.Generator]:
-        """A fresh generator for a call's `seed`; else this object's own (seeded
-        once); else None (torch's global RNG)."""
+        "A new generator for `seed`, else this object's own (if seeded), else None."
         if seed is not None:
             return torch.Generator(self.device).manual_seed(seed)
         if self.seed is not None and self.generator is None:
@@ -908,13 +421,11 @@ class Llama:
         return self.generator
 
     def default_max_gen_len(self, max_gen_len: Optional[int]) -> int:
-        """Meta's default when `max_gen_len` is None: as many tokens as the KV cache
-        holds after one prompt token."""
+        "Meta's default: as many tokens as the KV cache holds after one prompt token."
         return self.args.max_seq_len - 1 if max_gen_len is None else max_gen_len
 
     def encode_prompt(self, prompt: str) -> List[int]:
-        """A text prompt's token ids, with a BOS token if the model expects one (Llama
-        2: yes; the embedded model: no)."""
+        "A text prompt's ids, with BOS if the model expects one (Llama 2 does)."
         return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False)
 
     def encode_dialog(self, dialog: Dialog) -> List[int]:
@@ -943,8 +454,7 @@ def stream_text(
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
             yield new_text[len(prefix_text) :]
             prefix_offset, read_offset = read_offset, len(ids)
-    rest = tokenizer.decode(ids[prefix_offset:])[
-        len(tokenizer.decode(ids[prefix_offset:read_offset])) :
-    ]
+    out = tokenizer.decode(ids[prefix_offset:read_offset])
+    rest = tokenizer.decode(ids[prefix_offset:])[len(out) :]
     if rest:
         yield rest

@@ -83,6 +83,15 @@ class Transformer(nn.Module):
             )
         self.setup_caches()
 
+    def _apply(self, fn, recurse=True):
+        # model.to(device), .cuda(): the RoPE table (a complex tensor, not a parameter)
+        # follows the weights' device, never their dtype
+        super()._apply(fn, recurse)
+        device = self.tok_embeddings.weight.device
+        if device.type != "meta":
+            self.freqs_cis = self.freqs_cis.to(device)
+        return self
+
     def setup_caches(self, cache_cls=KVCache, dtype=None):
         """Give every block's attention a new, empty KV cache of `cache_cls` (chapter
         6's KVCache, or a layout of chapter 10) for `max_batch_size` sequences of
@@ -116,16 +125,16 @@ class Transformer(nn.Module):
         check_fits(bsz, last, seqlen, params.max_batch_size, params.max_seq_len)
         # (bsz, seqlen, dim)
         h = self.tok_embeddings(tokens)
-        self.freqs_cis = self.freqs_cis.to(h.device)
+        rope = self.freqs_cis.to(h.device)  # no copy once the model is on its device
         if per_row:  # each row at its own positions: (bsz, seqlen, head_dim // 2)
             if pad is not None:
                 raise ValueError("pad= goes with one start_pos for the whole batch")
             start_pos = start_pos.to(h.device)
             positions = start_pos[:, None] + torch.arange(seqlen, device=h.device)
-            freqs_cis = self.freqs_cis[positions]
+            freqs_cis = rope[positions]
             mask = causal_mask(seqlen, start_pos, h.device)
         else:  # (seqlen, head_dim // 2)
-            freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
+            freqs_cis = rope[start_pos : start_pos + seqlen]
             mask = (
                 causal_mask(seqlen, start_pos, h.device)
                 if seqlen > 1 and start_pos > 0

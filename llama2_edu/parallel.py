@@ -2,13 +2,13 @@
 
 # %% auto #0
 __all__ = ['all_reduce_output', 'all_gather_output', 'check_world_size', 'shard_model', 'TiedOutput', 'parameter_bytes',
-           'local_slice', 'shards_of_rank', 'meta_rank_state_dict', 'read_hf_slices', 'hf_rank_state_dict', 'gguf_rows',
-           'gguf_rank_state_dict', 'init_parallel', 'load_sharded']
+           'local_slice', 'shards_of_rank', 'meta_rank_state_dict', 'read_hf_slices', 'gguf_rows',
+           'gguf_rank_state_dict', 'init_parallel', 'rank_readers', 'load_sharded']
 
 # %% ../notebooks/12_beyond_one_gpu.ipynb #e6ef8a4c
 import atexit
 import os
-from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,28 +17,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from llama2_edu.checkpoint import (
-    _assign,
-    check_dtype,
-    check_memory,
-    checkpoint_layout,
-    default_device,
-    hf_to_meta_name,
-    meta_split_dim,
-    meta_state_dict,
-    permute_from_hf_in_place,
-    read_gguf_model,
-    read_hf_file,
-    read_hf_model,
-    read_meta_model,
-)
+from .checkpoint import (build_model, check_dtype, default_device,
+                                   hf_to_meta_name, meta_split_dim, meta_state_dict,
+                                   read_checkpoint, read_gguf, read_hf, read_hf_file,
+                                   read_meta)
 from .model import Transformer, ffn_hidden_dim
-from llama2_edu.model_file import (
-    InputError,
-    ModelArgs,
-    gguf_tensor,
-    meta_name,
-)
+from .model_file import InputError, ModelArgs, gguf_tensor, meta_name
 
 # %% ../notebooks/12_beyond_one_gpu.ipynb #f72deda9
 def all_reduce_output(module, inputs, output):
@@ -137,45 +121,32 @@ def shards_of_rank(n_shards: int, rank: int, world_size: int):
                      f"divided among {world_size} processes: start torchrun with "
                      f"--nproc_per_node a divisor or a multiple of {n_shards}.")
 
-def meta_rank_state_dict(paths, rank: int, world_size: int, device, dtype):
-    "Yield rank `rank`'s slice of a Meta checkpoint, mapping only its own shards."
-    shards, part, n_parts = shards_of_rank(len(paths), rank, world_size)
-    for name, w in meta_state_dict([paths[i] for i in shards], device, dtype):
-        yield name, local_slice(name, w, part, n_parts)
+def meta_rank_state_dict(paths, device, dtype, rank: int, world_size: int):
+    "Rank `rank`'s slice of a Meta checkpoint, mapping only its own shards."
+    shards, part, n_parts = shards_of_rank(len(paths), rank, world_size)  # or fail now
+    tensors = meta_state_dict([paths[i] for i in shards], device, dtype)
+    return ((name, local_slice(name, w, part, n_parts)) for name, w in tensors)
 
 # %% ../notebooks/12_beyond_one_gpu.ipynb #db0ed3a0
-def read_hf_slices(path: Path, rank: int, world_size: int):
-    "Yield `(Meta name, rank's slice)` of one Hugging Face file, reading only that."
-    if path.suffix != ".safetensors":  # memory-mapped: a slice reads only its own pages
-        for hf_name, w in read_hf_file(path):
-            if (name := hf_to_meta_name(hf_name)) is not None:
-                yield name, local_slice(name, w, rank, world_size)
-        return
+def read_hf_slices(files, rank: int, world_size: int):
+    "Yield `(name, rank's slice)` of each Hugging Face file, reading only that slice."
     from safetensors import safe_open
-    with safe_open(path, framework="pt", device="cpu") as f:
-        for hf_name in f.keys():
-            if (name := hf_to_meta_name(hf_name)) is None:
-                continue
-            tensor, dim = f.get_slice(hf_name), meta_split_dim(name)
-            index = [slice(None)] * len(tensor.get_shape())
-            if dim is not None:
-                size = tensor.get_shape()[dim] // world_size
-                index[dim] = slice(rank * size, (rank + 1) * size)
-            yield name, tensor[tuple(index)]  # safetensors reads just these bytes
-
-def hf_rank_state_dict(files, args: ModelArgs, rank: int, world_size: int):
-    "Yield rank `rank`'s slice of a Hugging Face checkpoint, wq/wk in Meta's order."
-    n_heads = args.n_heads // world_size
-    n_kv_heads = (args.n_kv_heads or args.n_heads) // world_size
     for path in files:
-        for name, w in read_hf_slices(path, rank, world_size):
-            if name == "output.weight" and args.tie_word_embeddings:
-                continue
-            if name.endswith("attention.wq.weight"):  # whole heads: the permutation
-                permute_from_hf_in_place(w, n_heads)   # acts inside each one
-            elif name.endswith("attention.wk.weight"):
-                permute_from_hf_in_place(w, n_kv_heads)
-            yield name, w
+        if path.suffix != ".safetensors":  # memory-mapped: a slice reads only its pages
+            for hf_name, w in read_hf_file(path):
+                if (name := hf_to_meta_name(hf_name)) is not None:
+                    yield hf_name, local_slice(name, w, rank, world_size)
+            continue
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for hf_name in f.keys():
+                if (name := hf_to_meta_name(hf_name)) is None:
+                    continue
+                tensor, dim = f.get_slice(hf_name), meta_split_dim(name)
+                index = [slice(None)] * len(tensor.get_shape())
+                if dim is not None:
+                    size = tensor.get_shape()[dim] // world_size
+                    index[dim] = slice(rank * size, (rank + 1) * size)
+                yield hf_name, tensor[tuple(index)]  # reads just these bytes
 
 # %% ../notebooks/12_beyond_one_gpu.ipynb #c05d32e1
 def gguf_rows(t, start: int, stop: int) -> torch.Tensor:
@@ -224,27 +195,20 @@ def init_parallel(device=None) -> torch.device:
     return device
 
 # %% ../notebooks/12_beyond_one_gpu.ipynb #4a37f5fd
+def rank_readers(rank: int, world_size: int) -> dict:
+    "Chapter 8's readers, each streaming only rank `rank`'s slice of the weights."
+    part = dict(rank=rank, world_size=world_size)
+    return {"gguf": partial(read_gguf, stream=partial(gguf_rank_state_dict, **part)),
+            "meta": partial(read_meta, stream=partial(meta_rank_state_dict, **part)),
+            "hf": partial(read_hf, stream=partial(read_hf_slices, **part))}
+
 def load_sharded(path: Path, device, dtype, tokenizer_path=None, **overrides):
     "Under torchrun: `(Transformer, Tokenizer)` holding this rank's slice of `path`."
     device = init_parallel(device)
     dtype = check_dtype(device, dtype)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    layout = checkpoint_layout(path)
-    if layout == "meta":  # chapter 8's reading and checks, then this rank's shards
-        args, tokenizer, paths = read_meta_model(path, tokenizer_path, **overrides)
-        check_world_size(args, world_size)
-        shards_of_rank(len(paths), rank, world_size)  # fits, or an error now
-        tensors = meta_rank_state_dict(paths, rank, world_size, device, dtype)
-    elif layout == "hf":
-        args, tokenizer, files = read_hf_model(path, tokenizer_path, **overrides)
-        tensors = hf_rank_state_dict(files, args, rank, world_size)
-    else:
-        path = path if path.is_file() else next(path.glob("*.gguf"))
-        args, tokenizer, reader = read_gguf_model(path, tokenizer_path, **overrides)
-        tensors = gguf_rank_state_dict(reader, rank, world_size)
-    # this rank's KV cache holds n_kv_heads / world_size heads: does it fit?
-    check_memory(replace(args, n_kv_heads=args.n_kv_heads // world_size), device, dtype)
-    with torch.device("meta"):  # this rank's shapes, no memory yet
-        model = shard_model(Transformer(args), rank, world_size)
-    desc = f"Loading {path.name} (rank {rank} of {world_size})"
-    return _assign(model, tensors, device, dtype, desc=desc, source=path), tokenizer
+    readers = rank_readers(rank, world_size)
+    args, tokenizer, tensors = read_checkpoint(path, device, dtype, tokenizer_path,
+                                               readers, **overrides)
+    cut = partial(shard_model, rank=rank, world_size=world_size)  # this rank's shapes
+    return build_model(args, tensors, device, dtype, path, cut), tokenizer

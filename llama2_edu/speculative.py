@@ -5,97 +5,64 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
-import numbers
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import generation
 from .checkpoint import load_checkpoint
-from .generation import check_seed, sample_next, top_k_logits
-from .model_file import InputError, InputTypeError
-from .tokenizer import check_int
+from .generation import batch_layout, is_greedy, prefill, sample_next
+from .generation import sampling_probs
+from .support import InputError, VocabularyMismatch, check_cost, check_int
+from .support import check_draft_batch, check_ngrams, check_vocabulary
+from .support import not_a_draft, not_a_llama
 
 # %% auto #0
-__all__ = ['BATCH_REFUSED', 'accept_greedy', 'sampling_probs', 'accept_sampled', 'DraftLength', 'Draft', 'PromptLookup',
-           'DraftModel', 'VocabularyMismatch', 'check_vocabulary', 'as_draft', 'step_bytes', 'bind',
-           'speculative_steps', 'check_one', 'prompt_logprobs', 'Llama', 'chi_square_pvalue', 'parse_speculate']
+__all__ = ['accept_greedy', 'accept_sampled', 'DraftLength', 'Draft', 'PromptLookup', 'DraftModel', 'as_draft', 'step_bytes',
+           'bind', 'speculative_steps', 'Llama', 'chi_square_pvalue', 'parse_speculate']
 
 # %% ../notebooks/11_more_than_one_token.ipynb #e7300f92
 def accept_greedy(logits: torch.Tensor, draft: List[int]) -> List[int]:
-    """Greedy verification: logits (k + 1, vocab_size) of the target at the last
-    token and at the k drafted ones. Keep the drafted tokens while each is the target's
-    own argmax, then add the target's argmax where they part (or after all k)."""
+    """Greedy verification: logits (k + 1 or more, vocab_size) of the target at the
+    last token and at the k drafted ones. Keep the drafted tokens while each is the
+    target's own argmax, then add the target's argmax where they part (or after all k).
+    """
     best = logits.argmax(-1).tolist()  # (k + 1,): what plain greedy would write
     n = 0
     while n < len(draft) and draft[n] == best[n]:
         n += 1
     return draft[:n] + [best[n]]
 
-# %% ../notebooks/11_more_than_one_token.ipynb #2d0b02fe
-def sampling_probs(
-    logits: torch.Tensor,
-    temperature: float,
-    top_p: float = 1.0,
-    top_k: Optional[int] = None,
-) -> torch.Tensor:
-    """The distribution `sample_next` (chapter 9) draws from, (bsz, vocab_size), for
-    logits (bsz, vocab_size): temperature, top-k and top-p applied; one-hot at the
-    argmax if temperature is 0."""
-    if generation.is_greedy(temperature, torch.float32):
-        return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
-    logits = logits - logits.amax(dim=-1, keepdim=True)
-    probs = torch.softmax(top_k_logits(logits.float() / temperature, top_k), dim=-1)
-    # nucleus: as chapter 9's sample_top_p, but kept in vocabulary order
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-    mask = torch.cumsum(probs_sort, dim=-1) - probs_sort > top_p
-    probs_sort[mask] = 0.0
-    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    return torch.zeros_like(probs).scatter_(-1, probs_idx, probs_sort)
-
 # %% ../notebooks/11_more_than_one_token.ipynb #56fe3e4d
 def accept_sampled(
-    p: torch.Tensor,
-    q: Optional[torch.Tensor],
-    draft: List[int],
-    generator: Optional[torch.Generator] = None,
+    p: torch.Tensor, q: Optional[torch.Tensor], draft: List[int], generator=None
 ) -> List[int]:
-    """The rejection rule of Leviathan et al. and Chen et al.: p (k + 1, vocab_size) is
-    the target's distribution at each position, q (k, vocab_size) the draft's (None: a
-    deterministic draft, q one-hot). Accept drafted token x with probability
-    min(1, p(x) / q(x)); at the first rejection, draw from max(p - q, 0) renormalized,
-    and stop; if all k are accepted, draw one more token from p."""
+    """The rejection rule of Leviathan et al. and Chen et al.: p (k + 1 or more,
+    vocab_size) is the target's distribution at each position, q (k or more, vocab_size)
+    the draft's (None: a deterministic draft, q one-hot). Accept drafted token x with
+    probability min(1, p(x) / q(x)); at the first rejection, draw from max(p - q, 0)
+    renormalized, and stop; if all k are accepted, draw one more token from p."""
     out = []
     for i, x in enumerate(draft):
-        q_x = 1.0 if q is None else q[i, x]
+        q_i = F.one_hot(torch.tensor(x), p.shape[-1]).to(p) if q is None else q[i]
         r = torch.rand((), generator=generator, device=p.device)
-        if r * q_x < p[i, x]:  # with probability min(1, p(x) / q(x))
+        if r * q_i[x] < p[i, x]:  # with probability min(1, p(x) / q(x))
             out.append(x)
             continue
-        residual = p[i].clone()
-        if q is None:
-            residual[x] = 0.0  # max(p - one_hot(x), 0)
-        else:
-            residual = (residual - q[i]).clamp_min(0.0)
+        residual = (p[i] - q_i).clamp_min(0.0)
         if residual.sum() <= 0:  # p == q up to rounding: nothing to correct
             residual = p[i]
         token = torch.multinomial(residual / residual.sum(), 1, generator=generator)
         return out + [int(token)]
-    return out + [int(torch.multinomial(p[-1], 1, generator=generator))]
+    return out + [int(torch.multinomial(p[len(draft)], 1, generator=generator))]
 
 # %% ../notebooks/11_more_than_one_token.ipynb #6f194c36
 class DraftLength:
-    """How many tokens to draft next, from the acceptance rate so far. With per-token
-    acceptance rate a, drafting k tokens yields (1 - a**(k+1)) / (1 - a) tokens per
-    step, for a step that costs 1 + cost * k times a plain one (`cost`: one more
-    position in the verifying pass, plus a draft model's step if any); pick the k in
-    0..n_draft with the most tokens per unit of cost, walking up from 0 to the gain's
-    one peak (a few steps, however large n_draft is). The rate is a decaying count
-    (`decay` per verdict) with a prior of 1/2 worth `prior` tokens: when drafting
-    stops, the counts fade (`idle_decay` per step) and the prior brings a probe back
-    after some steps (one step in four when every probe fails, at cost 0.09)."""
+    """How many tokens to draft next: the k in 0..n_draft with the most tokens per
+    unit of cost, (1 - a**(k+1)) / (1 - a) / (1 + cost * k), for the acceptance rate a
+    so far: a decaying count (`decay` per verdict, `idle_decay` per step without one)
+    with a prior of 1/2 worth `prior` tokens, which brings probes back."""
 
     def __init__(self, n_draft, cost, decay=0.7, prior=0.5, idle_decay=0.95):
         self.n_draft, self.cost, self.decay, self.prior = n_draft, cost, decay, prior
@@ -117,9 +84,7 @@ class DraftLength:
         return k
 
     def update(self, drafted: int, accepted: int):
-        """One step: `accepted` of `drafted` tokens kept. Each verdict on a token (the
-        accepted ones, then the rejected one if any) decays the counts by `decay`; a
-        step that drafted nothing, by `idle_decay`."""
+        "One step: `accepted` of `drafted` tokens kept; each verdict decays the counts."
         if not drafted:  # no verdict: the counts fade slowly
             self.accepted *= self.idle_decay
             self.tried *= self.idle_decay
@@ -129,171 +94,125 @@ class DraftLength:
 
 # %% ../notebooks/11_more_than_one_token.ipynb #cbf95af9
 class Draft:
-    """What a draft offers the generation loop: `reset()` before a sequence,
-    `propose(tokens, k, ...) -> (ids, q)` (at most k ids continuing `tokens`, and their
-    distributions (len(ids), vocab_size), or None if the ids were chosen
-    deterministically), `length()` (how many to ask for) and `update(tokens, drafted,
-    accepted)` after the target's verdict. `stats` counts steps, drafted and accepted
-    tokens since `reset()`. `n_draft` (the longest draft) and `cost` (a drafted
-    token's, in plain decoding steps) are checked here."""
+    """A draft, for a batch of rows: `reset(bsz)`; `propose(rows, ks, ...) -> (ids, q)`,
+    at most ks[b] ids continuing rows[b], and their distributions (bsz, k, vocab_size)
+    or None; `length(b)`, how many to ask row b for; `update(rows, drafted, accepted)`.
+    `stats` counts verifying passes, drafted and accepted tokens since `reset()`."""
 
     def __init__(self, n_draft: int, adaptive: bool, cost: float):
-        real = isinstance(cost, numbers.Real) and not isinstance(cost, bool)
-        if not (real and 0 < cost < math.inf):
-            raise InputError(
-                f"cost={cost!r} is invalid: use a number > 0, what one drafted token"
-                " costs in plain decoding steps (prompt lookup's default: 0.09)."
-            )
         self.n_draft, self.adaptive = check_int("n_draft", n_draft), adaptive
-        self.cost = float(cost)
+        self.cost = check_cost(cost)  # a drafted token's, in plain decoding steps
         self.reset()
 
-    def reset(self):
+    def reset(self, bsz: int = 1):
         self.stats = dict(steps=0, drafted=0, accepted=0)
-        self.lengths = DraftLength(self.n_draft, self.cost)
+        self.lengths = [DraftLength(self.n_draft, self.cost) for _ in range(bsz)]
 
-    def length(self) -> int:
-        return self.lengths() if self.adaptive else self.n_draft
+    def length(self, row: int = 0) -> int:
+        return self.lengths[row]() if self.adaptive else self.n_draft
 
-    def update(self, tokens: List[int], drafted: int, accepted: int):
+    def update(self, rows, drafted: List[int], accepted: List[int]):
         self.stats["steps"] += 1
-        self.stats["drafted"] += drafted
-        self.stats["accepted"] += accepted
-        self.lengths.update(drafted, accepted)
+        self.stats["drafted"] += sum(drafted)
+        self.stats["accepted"] += sum(accepted)
+        for lengths, d, a in zip(self.lengths, drafted, accepted):
+            lengths.update(d, a)
 
 # %% ../notebooks/11_more_than_one_token.ipynb #c1c1820c
 class PromptLookup(Draft):
-    """Prompt lookup decoding: find the latest earlier place where the last n tokens
-    (n from `max_ngram` down to `min_ngram`) occurred, in the prompt or in the text so
+    """Prompt lookup decoding: find the latest earlier place where a row's last n tokens
+    (n from `max_ngram` down to `min_ngram`) occurred, in its prompt or in its text so
     far, and propose the tokens that followed there. No second model."""
 
-    def __init__(
-        self,
-        n_draft: int = 8,
-        max_ngram: int = 3,
-        min_ngram: int = 1,
-        adaptive: bool = True,
-        cost: float = 0.09,
-    ):
-        check_int("min_ngram", min_ngram)
-        if check_int("max_ngram", max_ngram) < min_ngram:
-            raise InputError(
-                f"max_ngram={max_ngram!r} is less than min_ngram={min_ngram!r}: use"
-                " 1 <= min_ngram <= max_ngram."
-            )
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+    def __init__(self, n_draft=8, max_ngram=3, min_ngram=1, adaptive=True, cost=0.09):
+        self.min_ngram, self.max_ngram = check_ngrams(min_ngram, max_ngram)
         super().__init__(n_draft, adaptive, cost)
 
-    def reset(self):
-        super().reset()
-        # n-gram -> the position just after its latest occurrence
-        self.index = {n: {} for n in range(self.min_ngram, self.max_ngram + 1)}
-        self.indexed = 0  # tokens[:indexed] are in the index
+    def reset(self, bsz: int = 1):
+        super().reset(bsz)
+        # per row: n-gram -> the position just after its latest occurrence
+        self.index = [{} for _ in range(bsz)]
+        self.indexed = [0] * bsz  # rows[b][:indexed[b]] are in index[b]
 
-    def propose(self, tokens: List[int], k: int, *args, **kw):
+    def propose(self, rows, ks, *args, **kw):
+        return [self.lookup(b, t, k) for b, (t, k) in enumerate(zip(rows, ks))], None
+
+    def lookup(self, row: int, tokens: List[int], k: int) -> List[int]:
+        index = self.index[row]
         # index every n-gram that has a token after it, i.e. ends before the last one
-        for end in range(max(self.indexed, 1), len(tokens)):
-            for n, index in self.index.items():
-                if end >= n:
-                    index[tuple(tokens[end - n : end])] = end
-        self.indexed = len(tokens)
-        if k == 0:
-            return [], None
-        for n in range(self.max_ngram, self.min_ngram - 1, -1):
-            end = self.index[n].get(tuple(tokens[-n:]))
+        for end in range(max(self.indexed[row], 1), len(tokens)):
+            for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
+                index[tuple(tokens[end - n : end])] = end
+        self.indexed[row] = len(tokens)
+        for n in range(self.max_ngram, self.min_ngram - 1, -1) if k else ():
+            end = index.get(tuple(tokens[-n:]))
             if end is not None:
-                return tokens[end : end + k], None
-        return [], None
+                return tokens[end : end + k]
+        return []
 
 # %% ../notebooks/11_more_than_one_token.ipynb #9a01c29f
 class DraftModel(Draft):
-    """A smaller model with the target's tokenizer drafts k tokens, one at a time, with
-    its own KV cache, rolled back like the target's. `llama` is a chapter 9 `Llama`
-    (its model and tokenizer); `cost` defaults to the bytes of weights a step of the
-    draft reads over the target's (`step_bytes`), which is what a decoding step costs
-    when memory bandwidth rules, plus one verified position."""
+    """A smaller model with the target's tokenizer drafts k tokens for every row of the
+    batch, with its own KV cache (`max_batch_size` rows at least as many as the
+    batch's),
+    rolled back like the target's. `llama`: a chapter 9 `Llama`; `cost` defaults to
+    the bytes of weights a step of it reads over the target's (`bind`)."""
 
-    def __init__(
-        self,
-        llama: generation.Llama,
-        n_draft: int = 4,
-        adaptive: bool = True,
-        cost: Optional[float] = None,
-    ):
+    def __init__(self, llama, n_draft=4, adaptive=True, cost: Optional[float] = None):
         if not isinstance(llama, generation.Llama):
-            raise InputTypeError(
-                f"DraftModel drafts with a Llama, not a {type(llama).__name__}: pass a"
-                " smaller model with the target's tokenizer, e.g. Llama.build(path)."
-            )
-        self.llama, self.model = llama, llama.model
+            raise not_a_llama(llama)
+        self.llama, self.model, self.given_cost = llama, llama.model, cost
         super().__init__(n_draft, adaptive, cost if cost is not None else 0.09)
-        self.given_cost = cost
 
-    def reset(self):
-        super().reset()
-        self.pos = 0  # tokens[:pos] are in the draft's cache
+    def reset(self, bsz: int = 1):
+        super().reset(bsz)
+        self.pos = [0] * bsz  # rows[b][:pos[b]] are in row b of the draft's cache
 
     @torch.inference_mode()
-    def propose(
-        self, tokens, k, temperature=0.0, top_p=1.0, top_k=None, generator=None
-    ):
-        k = min(k, self.model.params.max_seq_len - len(tokens))
-        if k <= 0:
-            return [], None
+    def propose(self, rows, ks, temperature=0.0, top_p=1.0, top_k=None, generator=None):
+        max_seq_len = self.model.params.max_seq_len
         device = self.model.tok_embeddings.weight.device
+        # within the draft's context: k drafted tokens read positions up to len + k - 2
+        ks = [max(min(k, max_seq_len - len(t)), 0) for k, t in zip(ks, rows)]
+        fits = [len(t) < max_seq_len for t in rows]  # the others never draft again
+        self.proposed_at, k = [len(t) for t in rows], max(ks)
+        if k == 0:
+            return [[] for _ in rows], None
+        # catch up, in one pass, on what each row has not shown the draft but its last
+        # token; each window moved back, over tokens already in the cache, to fit it
+        width = max(len(t) - 1 - p if f else 0 for t, p, f in zip(rows, self.pos, fits))
+        if width > 0:
+            start = [min(p, max_seq_len - width) for p in self.pos]
+            x = [t[s : len(t) - 1] if f else [] for t, s, f in zip(rows, start, fits)]
+            x = torch.tensor([c + [0] * (width - len(c)) for c in x], device=device)
+            self.model.forward(x, torch.tensor(start, device=device), last_only=True)
+        # then one token per row and pass: its last token, then what it drafts; a row
+        # past the draft's context writes at its last position, which it never reads
+        pos = torch.tensor([min(len(t), max_seq_len) - 1 for t in rows], device=device)
+        x = torch.tensor([t[-1:] for t in rows], device=device)  # (bsz, 1)
         ids, qs = [], []
-        # what the draft has not seen yet: the prompt, then 1 or 2 tokens (more after
-        # steps without a draft)
-        new = tokens[self.pos :]
-        for i in range(k):
-            start = len(tokens) + i - len(new)
-            x = torch.tensor([new], device=device)
-            logits = self.model.forward(x, start, last_only=True)[:, -1]  # (1, vocab)
-            if temperature == 0:
-                token = int(logits.argmax(-1))
+        for _ in range(k):
+            logits = self.model.forward(x, pos, last_only=True)[:, -1]  # (bsz, vocab)
+            if is_greedy(temperature, torch.float32):
+                x = logits.argmax(-1, keepdim=True)
             else:
-                q = sampling_probs(logits, temperature, top_p, top_k)
-                token = int(torch.multinomial(q, 1, generator=generator))
-                qs.append(q[0])
-            ids.append(token)
-            new = [token]
-        # in the cache now: tokens and ids[:-1]
-        self.pos = len(tokens) + k - 1
-        self.proposed_at = len(tokens)
-        return ids, (torch.stack(qs) if qs else None)
+                qs.append(sampling_probs(logits, temperature, top_p, top_k))
+                x = torch.multinomial(qs[-1], 1, generator=generator)
+            ids.append(x)
+            pos = (pos + 1).clamp(max=max_seq_len - 1)
+        # in the cache now: each row's tokens and its first k - 1 drafted ids
+        self.pos = [min(n + k, max_seq_len) - 1 if f else 0
+                    for n, f in zip(self.proposed_at, fits)]  # fmt: skip
+        ids = torch.cat(ids, dim=1).tolist()  # (bsz, k)
+        q = torch.stack(qs, dim=1) if qs else None  # (bsz, k, vocab_size)
+        return [row[:n] for row, n in zip(ids, ks)], q
 
-    def update(self, tokens, drafted, accepted):
-        super().update(tokens, drafted, accepted)
-        if drafted:  # roll back: keep the accepted ids only
-            self.pos = min(self.pos, self.proposed_at + accepted)
-
-# %% ../notebooks/11_more_than_one_token.ipynb #35d4e883
-class VocabularyMismatch(InputError):
-    "The draft model and the target do not share a vocabulary."
-
-
-def check_vocabulary(target: generation.Llama, draft: generation.Llama):
-    """Raise VocabularyMismatch unless the draft's token ids mean what the target's
-    mean: the same vocabulary size, and the same piece for every id."""
-    n_target, n_draft = target.model.vocab_size, draft.model.vocab_size
-    if n_target == n_draft:  # then the tokenizers' sizes must agree too
-        n_target, n_draft = target.tokenizer.n_words, draft.tokenizer.n_words
-    if n_target != n_draft:
-        raise VocabularyMismatch(
-            f"The draft model's vocabulary has {n_draft} tokens and the target's"
-            f" {n_target}: speculative decoding compares token ids, so the draft must"
-            " use the target's tokenizer; pick a draft of the same family, or"
-            " speculate='lookup'."
-        )
-    for i in range(n_target):
-        if target.tokenizer.id_to_piece(i) != draft.tokenizer.id_to_piece(i):
-            raise VocabularyMismatch(
-                f"The draft model's vocabulary has {n_draft} tokens, as the target's,"
-                f" but token {i} is {draft.tokenizer.id_to_piece(i)!r} for the draft"
-                f" and {target.tokenizer.id_to_piece(i)!r} for the target: the draft"
-                " must use the target's tokenizer; pick a draft of the same family,"
-                " or speculate='lookup'."
-            )
+    def update(self, rows, drafted, accepted):
+        super().update(rows, drafted, accepted)
+        # roll back: keep the accepted ids only
+        self.pos = [min(p, n + a)
+                    # fmt: skip
+                    for p, n, a in zip(self.pos, self.proposed_at, accepted)]
 
 # %% ../notebooks/11_more_than_one_token.ipynb #66f34923
 def as_draft(speculate) -> Draft:
@@ -305,17 +224,13 @@ def as_draft(speculate) -> Draft:
         return PromptLookup()
     if isinstance(speculate, generation.Llama):
         return DraftModel(speculate)
-    raise InputError(
-        f"speculate={speculate!r} is not a draft: pass 'lookup', a Llama to draft"
-        " with, a PromptLookup(...) or DraftModel(...), or None (no speculation)."
-    )
+    raise not_a_draft(speculate)
 
 
 def step_bytes(model) -> int:
     """The bytes of weights a decoding step of a Transformer reads: its parameters and
-    buffers (where chapter 10's quantized layers keep their weights), each in its own
-    dtype, but the embedding table, of which a step reads one row, unless it is also
-    the output head (tied)."""
+    buffers (where chapter 10's quantized layers keep theirs), each in its own dtype,
+    but the embedding table, of which a step reads one row, unless it is tied."""
     tensors = itertools.chain(model.parameters(), model.buffers())
     total = sum(t.nbytes for t in tensors)
     if model.output is not None:  # the embedding is only looked up
@@ -323,101 +238,81 @@ def step_bytes(model) -> int:
     return total
 
 
-def bind(draft: Draft, target: generation.Llama) -> Draft:
-    """Check that `draft` can draft for `target`, once per pair, and give a draft
-    model its default cost (the bytes of weights its step reads over the target's, plus
-    one verified position), which the next sequence's `reset()` hands to its
-    DraftLength."""
-    if isinstance(draft, DraftModel) and getattr(draft, "target", None) is not target:
-        check_vocabulary(target, draft.llama)
-        draft.target = target
-        if draft.given_cost is None:
-            draft.cost = 0.09 + step_bytes(draft.model) / step_bytes(target.model)
+def bind(draft: Draft, target: generation.Llama, bsz: int) -> Draft:
+    """Check that `draft` can draft for `target` and `bsz` rows (the vocabulary once per
+    pair), and give a draft model its default cost: one verified position, plus the
+    bytes its step reads over the target's (what a step costs when bandwidth rules)."""
+    if isinstance(draft, DraftModel):
+        check_draft_batch(bsz, draft.model.params.max_batch_size)
+        if getattr(draft, "target", None) is not target:
+            check_vocabulary(target, draft.llama)
+            draft.target = target
+            if draft.given_cost is None:
+                draft.cost = 0.09 + step_bytes(draft.model) / step_bytes(target.model)
     return draft
 
 # %% ../notebooks/11_more_than_one_token.ipynb #9faa3129
 @torch.inference_mode()
 def speculative_steps(
-    model,
-    prompt: List[int],
-    max_gen_len: int,
-    draft: Draft,
-    temperature: float = 0.6,
-    top_p: float = 0.9,
-    top_k: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
-    stop: Optional[int] = None,
-) -> Iterator[Tuple[List[int], torch.Tensor]]:
-    """Decode one sequence with a draft: yield, step by step, the tokens the target
-    accepts (1 to k + 1 of them) and the target's logits that predicted them
-    (n, vocab_size). Stops after `max_gen_len` tokens, at the cache's end, or after
-    `stop` (the EOS id, included)."""
-    device = model.tok_embeddings.weight.device
-    tokens = list(prompt)
-    end = min(model.params.max_seq_len, len(prompt) + max_gen_len)
-    if len(tokens) >= end:
+    model, prompts: List[List[int]], max_gen_len: int, draft: Draft, temperature=0.6,
+    top_p=0.9, top_k=None, generator=None, stop: Optional[int] = None,
+) -> Iterator[List[List[int]]]:  # fmt: skip
+    """Decode a batch with a draft: yield, after the prefill and after each verifying
+    pass, the tokens each row accepted (1 to k + 1 of them; none once it is finished).
+    A row stops after `max_gen_len` tokens, at the cache's end, or after `stop` (the EOS
+    id, included)."""
+    device, max_seq_len = model.tok_embeddings.weight.device, model.params.max_seq_len
+    # chapter 9's layout: each prompt in its own row from position 0
+    tokens, prompt_lens, ends = batch_layout(prompts, max_gen_len, max_seq_len, device)
+    rows, ends = [list(p) for p in prompts], ends.tolist()
+    done = [len(t) >= end for t, end in zip(rows, ends)]
+    if all(done):
         return
-    draft.reset()
-    # the prefill, and the first token from it, exactly as chapter 9's loop
-    logits = model.forward(torch.tensor([tokens], device=device), 0, last_only=True)
-    logits = logits[0]  # (1, vocab_size)
-    new = sample_next(logits, temperature, top_p, top_k, generator).tolist()
+    draft.reset(len(rows))
+    # the prefill, and the first token from it, as chapter 9's loop
+    logits, _ = prefill(model, tokens, prompt_lens)
+    first = sample_next(logits, temperature, top_p, top_k, generator)
+    news = [[t] for t in first.tolist()]
     while True:
-        if stop in new:  # the EOS ends the sequence, and nothing after it counts
-            cut = new.index(stop) + 1
-            yield new[:cut], logits[:cut]
+        for b, new in enumerate(news):
+            if done[b]:
+                new.clear()
+            elif stop in new:  # the EOS ends the row, and nothing after it counts
+                del new[new.index(stop) + 1 :]
+                done[b] = True
+            rows[b] += new
+            done[b] = done[b] or len(rows[b]) >= ends[b]
+        yield news
+        if all(done):
             return
-        yield new, logits
-        tokens += new
-        if len(tokens) >= end:
-            return
-        # draft k tokens, so that the k + 1 the target may accept fit in `end`
-        k = min(draft.length(), end - len(tokens) - 1)
-        guess, q = draft.propose(tokens, k, temperature, top_p, top_k, generator)
-        guess = guess[:k]
-        # verify: the last token (not in the cache yet) and the guess, in one pass
-        start = len(tokens) - 1
-        x = torch.tensor([tokens[-1:] + guess], device=device)
-        logits = model.forward(x, start)[0]  # (k + 1, vocab_size)
-        if temperature == 0:
-            new = accept_greedy(logits, guess)
+        # row b drafts k_b tokens, so that the k_b + 1 the target may accept fit in its
+        # end; the pass verifies k + 1 positions of every row, which must fit the cache
+        ks = [0 if d else min(draft.length(b), end - len(t) - 1)
+              for b, (t, end, d) in enumerate(zip(rows, ends, done))]  # fmt: skip
+        k = min([max(ks)] + [max_seq_len - len(t) for t, d in zip(rows, done) if not d])
+        ks = [min(n, k) for n in ks]
+        guesses, q = draft.propose(rows, ks, temperature, top_p, top_k, generator)
+        # verify: each row's last token (not in the cache yet) and its guess, at its own
+        # position; a shorter guess is padded, a finished row parked at position 0
+        x = [t[-1:] + g + [0] * (k - len(g)) for t, g in zip(rows, guesses)]
+        start = [0 if d else len(t) - 1 for t, d in zip(rows, done)]
+        x, start = torch.tensor(x, device=device), torch.tensor(start, device=device)
+        logits = model.forward(x, start)  # (bsz, k + 1, vocab_size)
+        if is_greedy(temperature, torch.float32):
+            news = [accept_greedy(logits[b], g) for b, g in enumerate(guesses)]
         else:
-            p = sampling_probs(logits, temperature, top_p, top_k)
-            new = accept_sampled(p, q, guess, generator)
-        logits = logits[: len(new)]
-        # the cache holds positions up to start + len(guess); the next pass starts at
-        # start + len(new), where the first rejected position is overwritten
-        draft.update(tokens, len(guess), len(new) - 1)
-
-# %% ../notebooks/11_more_than_one_token.ipynb #75b7f9cb
-BATCH_REFUSED = (
-    "speculate= decodes one sequence at a time: the rows of a batch accept different"
-    " numbers of tokens per step, while a forward pass takes one start_pos for the"
-    " whole batch; pass one prompt (text_completion and chat_completion run several"
-    " one after another)."
-)
-
-
-def check_one(llama: generation.Llama, prompt_tokens) -> List[List[int]]:
-    "Chapter 9's checks of the prompts, and exactly one prompt."
-    prompts = generation.check_prompts(llama.args, llama.tokenizer, prompt_tokens)
-    if len(prompts) > 1:
-        raise InputError(BATCH_REFUSED)
-    return prompts
-
-
-def prompt_logprobs(model, prompt: List[int]) -> List[float]:
-    "The log-probabilities of a prompt's tokens (the first one: 0), as echo shows them."
-    x = torch.tensor([prompt], device=model.tok_embeddings.weight.device)
-    logits = model.forward(x, 0)[0]  # (seqlen, vocab_size)
-    scores = -F.cross_entropy(logits[:-1], x[0, 1:], reduction="none")
-    return [0.0] + scores.tolist()
+            p = sampling_probs(logits.flatten(0, 1), temperature, top_p, top_k)
+            p = p.view(logits.shape)  # (bsz, k + 1, vocab_size)
+            news = [accept_sampled(p[b], q if q is None else q[b], g, generator)
+                    for b, g in enumerate(guesses)]  # fmt: skip
+        # row b's cache holds positions up to start + k; its next pass starts at
+        # start + len(new), where the first position it did not accept is overwritten
+        draft.update(rows, [len(g) for g in guesses], [len(n) - 1 for n in news])
 
 # %% ../notebooks/11_more_than_one_token.ipynb #e1dd7d60
 class Llama(generation.Llama):
-    """Chapter 9's Llama, whose `generate`, `text_completion`, `chat_completion`,
-    `generate_stream` and `stream` also take `speculate=` (a Draft, 'lookup' or a
-    draft Llama). `speculate=None`, the default, is chapter 9's code, untouched."""
+    """Chapter 9's Llama, whose generation methods also take `speculate=` (a Draft,
+    'lookup' or a draft Llama); `speculate=None`, the default, is chapter 9's code."""
 
     _speculate = None  # the draft of the call in progress (text_completion, ...)
 
@@ -431,78 +326,75 @@ class Llama(generation.Llama):
         "The same model, tokenizer and seed, with `speculate=` (e.g. `wrap(load())`)."
         return Llama(llama.model, llama.tokenizer, seed=llama.seed)
 
+    def speculative_steps(self, prompt_tokens, max_gen_len, temperature, top_p, top_k,
+                          seed, speculate, stop):  # fmt: skip
+        "Chapter 9's checks, then `speculative_steps` with the draft: (prompts, steps)."
+        prompts = generation.check_prompts(self.args, self.tokenizer, prompt_tokens)
+        max_gen_len = self.default_max_gen_len(max_gen_len)
+        generation.check_sampling(temperature, top_p, top_k, max_gen_len, seed)
+        draft = bind(as_draft(speculate), self, len(prompts))
+        return prompts, speculative_steps(
+            self.model, prompts, max_gen_len, draft, temperature, top_p, top_k,
+            self._generator(seed), stop=stop,
+        )  # fmt: skip
+
     @torch.inference_mode()
     def generate(
-        self,
-        prompt_tokens: List[List[int]],
-        max_gen_len: Optional[int],
-        temperature: float = 0.6,
-        top_p: float = 0.9,
-        logprobs: bool = False,
-        echo: bool = False,
-        *,
-        top_k: Optional[int] = None,
-        seed: Optional[int] = None,
-        ignore_eos: bool = False,
-        speculate=None,
-    ):
-        """Chapter 9's `generate`; with `speculate`, one prompt decoded by drafting and
-        verifying, with the same arguments. Greedy, it writes plain greedy's tokens in
-        fp32; with 4-bit or int8 weights and bf16 activations the verifying pass
-        computes the logits in other shapes, so at a near-tie (the two best logits a
-        bf16 step or two apart) the text can part from plain greedy's. Sampled, the
-        output follows the target's distribution, but not plain sampling's draws for
-        the same seed."""
+        self, prompt_tokens: List[List[int]], max_gen_len: Optional[int],
+        temperature: float = 0.6, top_p: float = 0.9, logprobs: bool = False,
+        echo: bool = False, *, top_k: Optional[int] = None, seed: Optional[int] = None,
+        ignore_eos: bool = False, speculate=None,
+    ):  # fmt: skip
+        """Chapter 9's `generate`; with `speculate`, by drafting and verifying: greedy,
+        each row plain greedy's tokens in fp32 (on the 4-bit or int8 path, not always
+        at a near-tie); sampled, the target's distribution (not the same draws)."""
         if speculate is None:
             return super().generate(
                 prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
                 top_k=top_k, seed=seed, ignore_eos=ignore_eos,
             )  # fmt: skip
-        draft = bind(as_draft(speculate), self)
-        (prompt,) = check_one(self, prompt_tokens)
-        max_gen_len = self.default_max_gen_len(max_gen_len)
-        generation.check_sampling(temperature, top_p, top_k, max_gen_len, seed)
-        steps = speculative_steps(
-            self.model, prompt, max_gen_len, draft, temperature, top_p, top_k,
-            self._generator(seed), stop=None if ignore_eos else self.tokenizer.eos_id,
-        )  # fmt: skip
-        out, scores = [], []
-        for new, logits in steps:
-            out += new
-            if logprobs:  # the raw logits' log-probabilities, as chapter 9's
-                scores += -F.cross_entropy(
-                    logits, torch.tensor(new, device=logits.device), reduction="none"
-                )
-        if out and out[-1] == self.tokenizer.eos_id and not ignore_eos:
-            out, scores = out[:-1], scores[:-1]  # chapter 9 drops the EOS
-        if echo:
-            out = prompt + out
-            if logprobs:
-                scores = prompt_logprobs(self.model, prompt) + scores
-        return [out], ([[float(s) for s in scores]] if logprobs else None)
+        eos = None if ignore_eos else self.tokenizer.eos_id
+        prompts, steps = self.speculative_steps(
+            prompt_tokens, max_gen_len, temperature, top_p, top_k, seed, speculate, eos
+        )
+        out = [[] for _ in prompts]
+        for news in steps:
+            for row, new in zip(out, news):
+                row += new
+        # chapter 9 leaves the EOS out
+        out = [row[: row.index(eos)] if eos in row else row for row in out]
+        if not logprobs:
+            return [p + o if echo else o for p, o in zip(prompts, out)], None
+        # chapter 9's log-probabilities: prompt and continuation, nothing to generate
+        full = [p + o for p, o in zip(prompts, out)]
+        _, scores = super().generate(full, 0, logprobs=True, echo=True)
+        cut = [0 if echo else len(p) for p in prompts]
+        return [t[c:] for t, c in zip(full, cut)], [s[c:] for s, c in zip(scores, cut)]
 
     @torch.inference_mode()
     def generate_stream(
         self, prompt_tokens, max_gen_len, temperature=0.6, top_p=0.9, *, top_k=None,
         seed=None, speculate=None,
     ):  # fmt: skip
-        """Chapter 9's `generate_stream`; with a draft, the tokens of each step come
-        out as soon as the target has accepted them."""
+        "Chapter 9's `generate_stream`; with a draft, each pass's tokens at once."
         speculate = speculate if speculate is not None else self._speculate
         if speculate is None:
             yield from super().generate_stream(
                 prompt_tokens, max_gen_len, temperature, top_p, top_k=top_k, seed=seed
             )
             return
-        draft = bind(as_draft(speculate), self)
-        (prompt,) = check_one(self, [prompt_tokens])
-        max_gen_len = self.default_max_gen_len(max_gen_len)
-        generation.check_sampling(temperature, top_p, top_k, max_gen_len, seed)
         eos = self.tokenizer.eos_id
-        for new, _ in speculative_steps(
-            self.model, prompt, max_gen_len, draft, temperature, top_p, top_k,
-            self._generator(seed), stop=eos,
-        ):  # fmt: skip
+        _, steps = self.speculative_steps(
+            [prompt_tokens],
+            max_gen_len,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            speculate,
+            eos,
+        )
+        for (new,) in steps:
             yield from (t for t in new if t != eos)
 
     # the text methods: chapter 9's, with the call's draft in `_speculate`
@@ -526,27 +418,9 @@ class Llama(generation.Llama):
         with self.speculating(speculate):
             yield from super().stream(prompt, *args, **kw)
 
-    def _generate_all(self, prompt_tokens, max_gen_len, *args, seed=None, **kw):
-        """Chapter 9's, or with a draft: the prompts one at a time (prompt i seeded
-        seed + i)."""
-        if self._speculate is None:
-            return super()._generate_all(
-                prompt_tokens, max_gen_len, *args, seed=seed, **kw
-            )
-        seed = None if seed is None else check_seed(seed)
-        out_tokens, out_logprobs = [], []
-        for i, prompt in enumerate(prompt_tokens):
-            toks, probs = self.generate(
-                [prompt],
-                max_gen_len,
-                *args,
-                seed=None if seed is None else seed + i,
-                speculate=self._speculate,
-                **kw,
-            )
-            out_tokens += toks
-            out_logprobs += probs or []
-        return out_tokens, out_logprobs if out_logprobs else None
+    def _generate_all(self, *args, **kw):
+        "Chapter 9's, `max_batch_size` prompts at a time, with the call's draft."
+        return super()._generate_all(*args, speculate=self._speculate, **kw)
 
 # %% ../notebooks/11_more_than_one_token.ipynb #a990cdf6
 def chi_square_pvalue(counts: dict, probs: dict, n: int) -> float:
@@ -555,44 +429,40 @@ def chi_square_pvalue(counts: dict, probs: dict, n: int) -> float:
     than 5 samples pooled into one). An outcome the exact distribution lacks: 0."""
     if not set(counts) <= set(probs):
         return 0.0
-    observed, expected, rest = [], [], [0.0, 0.0]
-    for outcome, p in probs.items():
-        if p * n < 5:
-            rest[0] += counts.get(outcome, 0)
-            rest[1] += p * n
-        else:
-            observed.append(counts.get(outcome, 0))
-            expected.append(p * n)
-    if rest[1] > 0:
-        observed.append(rest[0])
-        expected.append(rest[1])
-    o, e = torch.tensor(observed, dtype=torch.float64), torch.tensor(expected)
-    stat = ((o - e) ** 2 / e).sum()
-    dof = len(observed) - 1
+    cells = [(counts.get(outcome, 0), p * n) for outcome, p in probs.items()]
+    small = [c for c in cells if c[1] < 5]
+    cells = [c for c in cells if c[1] >= 5]
+    if small:  # pooled into one cell
+        cells.append(tuple(map(sum, zip(*small))))
+    observed, expected = torch.tensor(cells, dtype=torch.float64).T
+    stat = ((observed - expected) ** 2 / expected).sum()
+    dof = torch.tensor((len(cells) - 1) / 2, dtype=torch.float64)
     # the chi-square distribution's upper tail: the regularized upper gamma function
-    return float(torch.special.gammaincc(torch.tensor(dof / 2), stat / 2))
+    return float(torch.special.gammaincc(dof, stat / 2))
 
 # %% ../notebooks/11_more_than_one_token.ipynb #8b980efe
-def parse_speculate(
-    value: str, n_draft: int = 8, *, device=None, dtype=None, max_seq_len=None
-) -> Draft:
+def parse_speculate(value: str, n_draft: int = 8, *, device=None, dtype=None,
+                    max_seq_len=None, load=None) -> Draft:
     """The draft for the command line's `--speculate VALUE`: 'lookup' is prompt lookup;
     anything else a draft checkpoint (any source chapter 8's `load_checkpoint` reads,
-    e.g. a .gguf file), loaded on `device` in `dtype` with the target's `max_seq_len`,
-    or, if the draft was trained for fewer positions, with its own context (chapter
-    8's default: the trained one, at most 512): it drafts within that context, and
-    the target decodes alone beyond it. `n_draft`: the longest draft (the adaptive
-    length stays at or below it)."""
+    e.g. a .gguf file), loaded by `load(value, max_seq_len=...)` (chapter 13 passes its
+    `load`, with the target's levers; by default, chapter 8's `load_checkpoint` on
+    `device` in `dtype`) with the target's `max_seq_len`, or, if the draft was trained
+    for fewer positions, with its own context (chapter 8's default: the trained one, at
+    most 512): it drafts within that context, and the target decodes alone beyond it.
+    `n_draft`: the longest draft (the adaptive length stays at or below it)."""
     check_int("n_draft", n_draft)  # before a draft checkpoint is loaded
     if value == "lookup":
         return PromptLookup(n_draft)
-    load = lambda n: load_checkpoint(
-        value, device=device, dtype=dtype, max_seq_len=n, max_batch_size=1
-    )
+    if load is None:
+        plain = dict(device=device, dtype=dtype, max_batch_size=1)
+        load = lambda source, **kw: generation.Llama(
+            *load_checkpoint(source, **plain, **kw)
+        )
     try:
-        model, tokenizer = load(max_seq_len)
+        draft = load(value, max_seq_len=max_seq_len)
     except InputError:  # refused before any weight is read
         if max_seq_len is None:
             raise
-        model, tokenizer = load(None)  # the draft's own context
-    return DraftModel(generation.Llama(model, tokenizer), n_draft)
+        draft = load(value, max_seq_len=None)  # the draft's own context
+    return DraftModel(draft, n_draft)

@@ -4,11 +4,22 @@
 __all__ = ['EMBEDDED_MODEL_PIP', 'GGUF_TYPES', 'GGUF_KEY_TYPES', 'TOKEN_NORMAL', 'TOKEN_UNKNOWN', 'TOKEN_CONTROL',
            'TOKEN_USER_DEFINED', 'TOKEN_UNUSED', 'TOKEN_BYTE', 'GGUF_MAGIC', 'GGUF_TOKENIZER_MODELS',
            'LLAMA2_VOCAB_PACKAGE', 'LLAMA2_VOCAB_SDIST_SHA256', 'LLAMA2_VOCAB_SDIST_SIZE', 'LLAMA2_VOCAB_MEMBER',
-           'LLAMA2_VOCAB_FILES', 'FETCH_COMMAND', 'TOKENIZER_SOURCES', 'Llama2EduError', 'InputError', 'InputTypeError',
-           'ConfigError', 'CheckpointError', 'MissingFileError', 'DownloadError', 'check_int', 'user_path',
-           'check_file', 'check_text', 'embedded_model_path', 'open_gguf', 'check_gguf_type', 'is_gguf', 'gguf_in',
-           'gguf_field', 'read_gguf_vocab', 'check_merges', 'check_token_ids', 'cache_dir', 'download_llama2_vocab',
-           'tokenizer_file']
+           'LLAMA2_VOCAB_FILES', 'FETCH_COMMAND', 'TOKENIZER_SOURCES', 'FLOAT_DTYPES', 'DEFAULT_MAX_SEQ_LEN',
+           'DEFAULT_MAX_BATCH_SIZE', 'MAX_WEIGHT', 'HUB_ID', 'TEMPLATE_CHARS', 'TEMPLATE_MEMORY', 'TEMPLATE_SECONDS',
+           'MAX_PROMPT_BYTES', 'Llama2EduError', 'InputError', 'InputTypeError', 'ConfigError', 'CheckpointError',
+           'MissingFileError', 'DownloadError', 'check_int', 'user_path', 'check_file', 'check_text',
+           'embedded_model_path', 'open_gguf', 'check_gguf_type', 'is_gguf', 'gguf_in', 'gguf_field', 'read_gguf_vocab',
+           'check_merges', 'check_token_ids', 'cache_dir', 'download_llama2_vocab', 'tokenizer_file', 'supports_bf16',
+           'check_device', 'check_dtype', 'check_sizes', 'fit_context', 'available_memory', 'check_memory',
+           'check_tensor', 'check_values', 'check_complete', 'check_gguf_types', 'gguf_version', 'check_tokenizer',
+           'about', 'meta_shard_files', 'check_shards', 'open_shard', 'check_same_tensors', 'read_json',
+           'check_hf_config', 'check_head_dim', 'hf_weight_files', 'read_hf_file', 'download_from_hub',
+           'checkpoint_layout', 'checkpoint_path', 'hub_token', 'hub_access', 'check_sampling', 'check_seed',
+           'check_prompts', 'check_text_prompts', 'check_dialogs', 'check_dialog', 'env_int', 'world_size',
+           'check_one_process', 'TemplateBoundError', 'template_environment', 'render_in_worker',
+           'render_chat_template', 'check_cost', 'check_ngrams', 'not_a_draft', 'not_a_llama', 'check_draft_batch',
+           'VocabularyMismatch', 'check_vocabulary', 'OneLineParser', 'one_line', 'explained', 'read_prompt',
+           'read_limited', 'check_speculate', 'check_options', 'check_parallel']
 
 # %% ../notebooks/00_how_the_package_defends_itself.ipynb #a0import
 import hashlib
@@ -673,3 +684,1264 @@ def tokenizer_file(source) -> Path:
         f"No tokenizer in the directory {path}: expected {TOKENIZER_SOURCES}."
     )
 
+
+# %% ../notebooks/00_how_the_package_defends_itself.ipynb #4cede67c
+import contextlib
+import json
+import mmap
+import pickle
+import re
+
+# the dtypes the model computes in (torch.float32, ...): quantized weights are
+# dequantized to one of them
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def supports_bf16(device) -> bool:
+    """bfloat16 matmuls run natively on the CPU and on NVIDIA GPUs of compute capability
+    8.0+ (A100, L4, H100), not on a T4 (7.5)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def check_device(device) -> "torch.device":
+    """`device` as a torch.device if this machine has it, else an InputError saying what
+    it has."""
+    import torch
+
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(
+            f"device={device!r} is not a device name: use 'cpu', 'cuda', 'cuda:1' or"
+            " 'mps'."
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            f"device={str(device)!r}, but this machine has no CUDA GPU (or this torch"
+            f" {torch.__version__} is a CPU build): use device='cpu'."
+        )
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
+        raise InputError(
+            f"device={str(device)!r}, but this machine has {torch.cuda.device_count()}"
+            f" CUDA GPU(s): use cuda:0 .. cuda:{torch.cuda.device_count() - 1}."
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(
+            "device='mps', but this machine has no Apple GPU (MPS): use device='cpu'."
+        )
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise InputError(
+            f"device={str(device)!r} is not supported: use 'cpu', 'cuda' or 'mps'."
+        )
+    return device
+
+
+def check_dtype(device, dtype) -> "torch.dtype":
+    """`dtype` if the model can run in it on `device`, else an InputError saying what to
+    use instead."""
+    import torch
+
+    device = torch.device(device)
+    if dtype not in [getattr(torch, name) for name in FLOAT_DTYPES]:
+        raise InputError(
+            f"dtype={dtype} is not supported: the model runs in torch.float32,"
+            " torch.bfloat16 or torch.float16 (quantized GGUF weights are dequantized"
+            " to one of these)."
+        )
+    if dtype == torch.bfloat16 and not supports_bf16(device):
+        name = torch.cuda.get_device_name(device)
+        raise InputError(
+            f"dtype=torch.bfloat16 is not supported on {name} (compute capability below"
+            " 8.0): pass dtype=torch.float16 instead, or leave dtype=None to choose"
+            " automatically."
+        )
+    return dtype
+
+# %% ../notebooks/00_how_the_package_defends_itself.ipynb #dc47edaa
+# KV cache of Llama 2 7B in fp16: 4 x 512 positions x 512 KiB = 1 GiB (fits a Colab T4)
+DEFAULT_MAX_SEQ_LEN = 512
+DEFAULT_MAX_BATCH_SIZE = 4
+
+
+def check_sizes(max_seq_len, max_batch_size) -> dict:
+    """The KV cache's sizes, each an integer >= 1 (max_seq_len None: chosen with the
+    model; max_batch_size None: 4)."""
+    return dict(
+        max_seq_len=(
+            None if max_seq_len is None else check_int("max_seq_len", max_seq_len)
+        ),
+        max_batch_size=(
+            DEFAULT_MAX_BATCH_SIZE
+            if max_batch_size is None
+            else check_int("max_batch_size", max_batch_size)
+        ),
+    )
+
+
+def fit_context(
+    overrides: dict, trained_len: Optional[int], source, key="context length"
+) -> dict:
+    """`overrides` with `max_seq_len` fitted to the context the model was trained for:
+    None becomes the default
+    (less if the model was trained on fewer positions); more than `trained_len` is
+    refused (untrained positions). `key` names `trained_len` in the file.
+    """
+    if trained_len is not None:
+        check_int(key, trained_len, error=ConfigError)
+    if "max_seq_len" not in overrides:
+        return overrides
+    max_seq_len = overrides["max_seq_len"]
+    if max_seq_len is None:
+        max_seq_len = min(DEFAULT_MAX_SEQ_LEN, trained_len or DEFAULT_MAX_SEQ_LEN)
+    elif trained_len and max_seq_len > trained_len:
+        raise InputError(
+            f"max_seq_len={max_seq_len} is more than the {trained_len} positions"
+            f" {source} was trained for: use max_seq_len <= {trained_len}"
+            " (--max-seq-len on the command line)."
+        )
+    return {**overrides, "max_seq_len": max_seq_len}
+
+
+def available_memory(device) -> int:
+    """Bytes free for new tensors on `device`: the GPU's free memory, else the system's
+    available memory (Linux's MemAvailable; elsewhere all physical memory)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(needed: int, device, max_batch_size: int, max_seq_len: int):
+    """Refuse, before anything is allocated, a KV cache and RoPE table of `needed` bytes
+    that would not fit `device`'s memory: a huge max_seq_len or max_batch_size fails
+    here, in one line."""
+    free = available_memory(device)
+    if needed > free:
+        raise InputError(
+            f"A KV cache of max_batch_size={max_batch_size} x"
+            f" max_seq_len={max_seq_len} positions needs {needed / 1e9:,.1f} GB,"
+            f" more than the {free / 1e9:,.1f} GB of memory available on {device}:"
+            " lower max_seq_len (--max-seq-len) or max_batch_size."
+        )
+
+# %% ../notebooks/00_how_the_package_defends_itself.ipynb #ac062c83
+# random bytes in a float16 scale give |w| up to ~1e6; the embedded model's largest:
+# 9.25
+MAX_WEIGHT = 1e4
+
+
+def check_tensor(name: str, w, expected: dict, source=None):
+    """Refuse tensor `name` unless `expected` (the model's tensors, on the meta device)
+    has it, with `w`'s shape, and `w` is floating point. `source` names the files."""
+    where = f"{source}: " if source is not None else ""
+    if name not in expected:
+        raise CheckpointError(
+            f"{where}unexpected tensor {name!r}: it does not belong to a Llama"
+            " model with these hyper-parameters. Check that the checkpoint is a"
+            " Llama 2 model."
+        )
+    if w.shape != expected[name].shape:
+        if (
+            name in ("tok_embeddings.weight", "output.weight")
+            and w.shape[1:] == expected[name].shape[1:]
+        ):
+            raise CheckpointError(
+                f"{where}tensor {name!r} has {w.shape[0]} rows (tokens) but the"
+                f" tokenizer has {expected[name].shape[0]} pieces: the tokenizer"
+                " belongs to another model. Pass this model's tokenizer.model"
+                " (--tokenizer on the command line)."
+            )
+        raise CheckpointError(
+            f"{where}tensor {name!r} has shape {tuple(w.shape)} in the checkpoint"
+            f" but the hyper-parameters imply {tuple(expected[name].shape)}: the"
+            " configuration file does not describe these weights (check you"
+            " pointed at the right model's files)."
+        )
+    if not w.is_floating_point():
+        raise CheckpointError(
+            f"{where}tensor {name!r} is stored as {w.dtype}: quantized integer"
+            " weights need their scales, which this loader does not read. Pass"
+            " float weights (fp32, bf16 or fp16), or a GGUF file for quantized"
+            " ones."
+        )
+
+
+def check_values(name: str, w, source=None):
+    """`w` if it is finite and no weight is beyond MAX_WEIGHT (NaN, inf or a huge weight
+    mean a damaged file): one pass over it, with no temporary copy."""
+    import torch
+
+    where = f"{source}: " if source is not None else ""
+    # NaN propagates through min and max; inf is the max or the min
+    lo, hi = torch.aminmax(w) if w.numel() else (torch.zeros(()), torch.zeros(()))
+    largest = max(-lo.item(), hi.item())
+    if not math.isfinite(largest):
+        raise CheckpointError(
+            f"{where}tensor {name!r} holds NaN or infinite values: the file is"
+            " damaged. Download it again."
+        )
+    if largest > MAX_WEIGHT:
+        raise CheckpointError(
+            f"{where}tensor {name!r} holds a weight of {largest:,.0f}, far beyond"
+            f" trained weights (refused above {MAX_WEIGHT:,.0f}; float16 ends at"
+            " 65,504): the file is damaged. Download it again."
+        )
+    return w
+
+
+def check_complete(expected: dict, state_dict: dict, source=None):
+    "Refuse a checkpoint that lacks any of the `expected` tensors."
+    where = f"{source}: " if source is not None else ""
+    missing = [name for name in expected if name not in state_dict]
+    if missing:
+        raise CheckpointError(
+            f"{where}the checkpoint lacks {len(missing)} tensor(s) the model needs,"
+            f" e.g. {missing[:3]}: it is incomplete (a shard missing?) or not a Llama 2"
+            " checkpoint."
+        )
+
+# %% ../notebooks/00_how_the_package_defends_itself.ipynb #52229aad
+def check_gguf_types(reader):
+    """Every tensor of the GGUF file must be a type `gguf` can dequantize (F32, F16,
+    BF16, Q4_0 ... Q8_0, the K- and I-quants)."""
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import _type_traits
+
+    for t in reader.tensors:
+        if t.tensor_type not in (T.F32, T.F16) and t.tensor_type not in _type_traits:
+            raise CheckpointError(
+                f"Tensor {t.name!r} is stored as {t.tensor_type.name}, which gguf"
+                f" {gguf_version()} cannot dequantize: convert the file to F16, Q8_0 or"
+                " a K-quant with llama.cpp's llama-quantize, or upgrade the gguf"
+                " package."
+            )
+
+
+def gguf_version() -> str:
+    from importlib.metadata import version
+
+    return version("gguf")
+
+
+def check_tokenizer(tokenizer, vocab_size: int, source):
+    """The tokenizer must be the model's: as many pieces as the embedding has rows
+    (`vocab_size`), BOS and EOS among them."""
+    if tokenizer.n_words != vocab_size:
+        raise CheckpointError(
+            f"The tokenizer has {tokenizer.n_words} pieces but {source} has"
+            f" {vocab_size} tokens: the tokenizer belongs to another model. Pass"
+            " this model's tokenizer (tokenizer_path=, --tokenizer on the command"
+            " line), or none to use its own."
+        )
+    for name in ("bos_id", "eos_id"):
+        if getattr(tokenizer, name) >= vocab_size:
+            raise CheckpointError(
+                f"The tokenizer's {name}={getattr(tokenizer, name)} is outside the"
+                f" model's {vocab_size} tokens: the tokenizer file is damaged or"
+                " another model's."
+            )
+    return tokenizer
+
+
+@contextlib.contextmanager
+def about(path):
+    """Prefix the message of a ConfigError or CheckpointError raised inside with the
+    file it is about."""
+    try:
+        yield
+    except (ConfigError, CheckpointError) as e:
+        if str(path) in str(e):
+            raise
+        raise type(e)(f"{path}: {e}") from e.__cause__
+
+# %% ../notebooks/00_how_the_package_defends_itself.ipynb #1179f586
+def meta_shard_files(ckpt_dir: Path) -> list:
+    """The `consolidated.NN.pth` files of Meta's checkpoint directory, each a regular
+    file (a FIFO would block for ever)."""
+    paths = [
+        check_file(path, "weight file")
+        for path in sorted(ckpt_dir.glob("consolidated.*.pth"))
+    ]
+    if not paths:
+        raise MissingFileError(
+            f"{ckpt_dir} has params.json but no consolidated.NN.pth weight files: "
+            "the download is incomplete (re-run Meta's download.sh)."
+        )
+    return paths
+
+
+def check_shards(paths: list, dim: int, n_heads: int, n_kv_heads: int):
+    """All of Meta's model-parallel shards are here (consolidated.00.pth, 01, ...; the
+    first one's slice of tok_embeddings says how many it was saved in), and each holds
+    n_heads / n_shards query heads and n_kv_heads / n_shards KV heads."""
+    n_shards = len(paths)
+    names = [path.name for path in paths]
+    if names != [f"consolidated.{i:02d}.pth" for i in range(n_shards)]:
+        raise CheckpointError(
+            f"The shards are {names}, but Meta numbers them from consolidated.00.pth"
+            " without a gap: a shard is missing. Download it again (Meta's"
+            " download.sh)."
+        )
+    embedding = open_shard(paths[0]).get("tok_embeddings.weight")
+    columns = embedding.shape[1] if embedding is not None else dim
+    if columns * n_shards < dim and dim % columns == 0:
+        raise CheckpointError(
+            f"{names[0]} holds {columns} of the dim={dim} columns of"
+            " tok_embeddings.weight: the checkpoint was saved in"
+            f" {dim // columns} shards, and {n_shards} are here. A shard is"
+            f" missing: download consolidated.{n_shards:02d}.pth and the others again."
+        )
+    if n_heads % n_shards or n_kv_heads % n_shards:
+        raise CheckpointError(
+            f"{n_shards} shards cannot split {n_heads} query heads and"
+            f" {n_kv_heads} key/value heads evenly: a consolidated.NN.pth file is"
+            " missing or extra, or params.json belongs to another model."
+        )
+
+
+def open_shard(path: Path) -> dict:
+    """A shard's tensors, memory-mapped: only the file's small pickled index is read,
+    none of the weights."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused an object that is no tensor
+        raise CheckpointError(
+            f"{path} holds Python objects besides tensors, which a pickle runs code to"
+            " rebuild: this loader reads tensors only. Use the model's safetensors or"
+            " Meta's original consolidated.NN.pth files, or convert this one with a"
+            " tool you trust."
+        ) from None
+    except Exception as e:  # a legacy file, a text file, a truncated zip
+        with open(path, "rb") as f:
+            legacy = f.read(1) == b"\x80"  # a bare pickle, not a zip archive
+        if legacy and "_use_new_zipfile_serialization" in str(e):
+            raise CheckpointError(
+                f"{path} is in PyTorch's legacy format (before 1.6), which cannot be"
+                " memory-mapped: save it again with a recent PyTorch (torch.save's"
+                " default format), or use the model's safetensors files."
+            ) from None
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}): it is damaged or truncated; "
+            "download it again."
+        ) from e
+
+
+def check_same_tensors(paths, ignored=()) -> list:
+    """Every shard must hold the same tensor names with the same shapes (each is one
+    slice of the same model); the names, in the first shard's order, less `ignored`."""
+    first = open_shard(paths[0])
+    for path in paths[1:]:
+        shard = open_shard(path)
+        if odd := sorted((first.keys() ^ shard.keys()) - set(ignored)):
+            has, lacks = (paths[0], path) if odd[0] in first else (path, paths[0])
+            raise CheckpointError(
+                f"Tensor {odd[0]!r} is in {has.name} but not in {lacks.name}: the"
+                " shards come from different models, or a file is damaged (download it"
+                " again)."
+            )
+        for name, w in shard.items():
+            if name not in ignored and w.shape != first[name].shape:
+                raise CheckpointError(
+                    f"Tensor {name!r} has shape {tuple(w.shape)} in {path.name} but"
+                    f" {tuple(first[name].shape)} in the first shard: the shards come"
+                    " from different models."
+                )
+    return [name for name in first if name not in ignored]
+
+# %% ../notebooks/00_how_the_package_defends_itself.ipynb #9e51ad26
+def read_json(path: Path) -> dict:
+    "A JSON configuration file as a dict, or an error naming the file and the line."
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"{path} is not valid JSON ({e}): fix it, or download it again."
+        ) from None
+    if not isinstance(config, dict):
+        raise ConfigError(
+            f"{path} holds a JSON {type(config).__name__}, not an object of"
+            " hyper-parameters."
+        )
+    return config
+
+
+def check_hf_config(config: dict) -> dict:
+    """Refuse, naming the key, a `config.json` that is not Llama 2's kind of model: RoPE
+    scaling (with or without a type), another activation, biases, missing sizes. Its
+    RoPE parameters (where transformers 5 keeps rope_theta)."""
+    if config.get("model_type") != "llama":
+        raise ConfigError(
+            f"Unsupported architecture {config.get('model_type')!r} in config.json:"
+            " this book implements 'llama' (Llama 2 and the models built like it)."
+        )
+    # transformers >= 5 / < 5
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict) or (
+        rope.get("rope_type", rope.get("type", "default")) != "default"
+        or set(rope) - {"rope_type", "type", "rope_theta"}
+    ):
+        raise ConfigError(
+            f"config.json asks for RoPE scaling {rope!r}, which this book does not"
+            " implement: it runs plain RoPE, as Llama 2 does (Llama 3.1 and later"
+            " stretch their context this way)."
+        )
+    if config.get("hidden_act", "silu") != "silu":
+        raise ConfigError(
+            f"hidden_act={config['hidden_act']!r} in config.json: Llama 2's"
+            " feed-forward layer is SwiGLU, built on 'silu', the only activation this"
+            " book implements."
+        )
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise ConfigError(
+            "config.json has attention_bias or mlp_bias: Llama 2 has no biases, this is"
+            " another model."
+        )
+    required = [
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "vocab_size",
+        "intermediate_size",
+    ]
+    if absent := [key for key in required if key not in config]:
+        raise ConfigError(
+            f"config.json lacks {absent}: it is not a complete LlamaForCausalLM"
+            " configuration (download it again from the model's repository)."
+        )
+    return rope
+
+
+def check_head_dim(config: dict, head_dim: int):
+    """Refuse a `head_dim` in config.json other than hidden_size // num_attention_heads
+    (`head_dim`); null, transformers' default, means that."""
+    if config.get("head_dim") is not None and config["head_dim"] != head_dim:
+        raise ConfigError(
+            f"head_dim={config['head_dim']!r} in config.json, but hidden_size // "
+            f"num_attention_heads is {head_dim}: Llama 2's heads split the hidden"
+            " size exactly, the only layout this book implements."
+        )
+
+
+def hf_weight_files(ckpt_dir: Path) -> list:
+    """The weight files of a Hugging Face checkpoint: safetensors preferred, sharded
+    (with an index) or not."""
+    for index_name, pattern in [
+        ("model.safetensors.index.json", "*.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model*.bin"),
+    ]:
+        index = ckpt_dir / index_name
+        if index.is_file():
+            return _indexed_files(ckpt_dir, index)
+        if files := sorted(ckpt_dir.glob(pattern)):
+            return [check_file(f, "weight file") for f in files]
+    raise MissingFileError(
+        f"{ckpt_dir} has config.json but no weights (*.safetensors or"
+        " pytorch_model*.bin): download them too (snapshot_download fetches the whole"
+        " repository)."
+    )
+
+
+def _indexed_files(ckpt_dir: Path, index: Path) -> list:
+    """The weight files an index's `weight_map` names: each must be a regular file
+    inside `ckpt_dir` (an index that points at /etc/passwd, or climbs out of the
+    folder with .., is refused)."""
+    weight_map = read_json(index).get("weight_map", {})
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(f, str) for f in weight_map.values()
+    ):
+        raise ConfigError(
+            f"{index}: weight_map must map each tensor name to a file name, e.g."
+            " {\"model.norm.weight\": \"model-00001-of-00002.safetensors\"}: download"
+            " the index again."
+        )
+    files = []
+    for name in sorted(set(weight_map.values())):
+        # resolved as a path, not through symlinks: the hub's cache links each
+        # snapshot file to a blob elsewhere
+        path = Path(os.path.normpath(ckpt_dir / name))
+        if not path.is_relative_to(os.path.normpath(ckpt_dir)) or path == ckpt_dir:
+            raise CheckpointError(
+                f"{index} points at {name!r}, outside the checkpoint directory"
+                f" {ckpt_dir}: refused. An index names files beside it; download it"
+                " again from the model's repository."
+            )
+        files.append(path)
+    absent = [f.name for f in files if not f.exists()]
+    if absent:
+        raise MissingFileError(
+            f"{index.name} lists weight files missing from {ckpt_dir}: {absent}. The"
+            " download is incomplete: download them too."
+        )
+    return [check_file(f, "weight file") for f in files]
+
+
+def read_hf_file(path: Path):
+    """Yield `(name, tensor)` from one safetensors or PyTorch file, lazily
+    (memory-mapped, privately: writing to a tensor never writes to the file)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                names = list(f.keys())
+                for name in names:
+                    w = f.get_tensor(name)
+                    yield name, w
+        except Llama2EduError:
+            raise
+        # safetensors' SafetensorError: a truncated or damaged file
+        except Exception as e:
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file ({type(e).__name__}: {e}):"
+                " it is damaged or truncated; download it again."
+            ) from e
+    # wq/wk are later un-permuted in place: map the file privately, whatever the global
+    # mmap default
+    else:
+        import torch
+
+        private = (
+            torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE)
+            if hasattr(mmap, "MAP_PRIVATE")
+            else contextlib.nullcontext()
+        )  # Windows maps privately anyway
+        with private:
+            state_dict = open_shard(path)
+        yield from state_dict.items()
+
+# %% ../notebooks/00_how_the_package_defends_itself.ipynb #c57ec42f
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """Download a Hugging Face hub repository's weights, config and tokenizer (cached);
+    its local directory."""
+    try:
+        from huggingface_hub import list_repo_files, snapshot_download
+    except ImportError:
+        raise ImportError(
+            f"{repo_id!r} looks like a Hugging Face hub id, but huggingface_hub is not"
+            " installed: pip install huggingface_hub, or download the weights yourself"
+            " and pass their directory."
+        )
+    try:
+        files = list_repo_files(repo_id)
+        weights = (
+            [f for f in files if f.endswith(".safetensors")]
+            or [f for f in files if f.endswith(".gguf")][:1]
+            or [f for f in files if re.search(r"consolidated\.\d+\.pth$", f)]
+            or [f for f in files if f.endswith(".bin")]
+        )
+        return Path(
+            snapshot_download(
+                repo_id, allow_patterns=[*weights, "*.json", "tokenizer.model"]
+            )
+        )
+    except Exception as e:
+        raise DownloadError(
+            f"Could not download {repo_id!r} from the Hugging Face hub"
+            f" ({type(e).__name__}: {e}). Meta's Llama 2 repositories are gated: accept"
+            " the licence on the model's page, log in with `huggingface-cli login` (or"
+            " huggingface_hub.login() in Colab) and check you are online; or download"
+            " the weights yourself and pass their local directory."
+        ) from e
+
+
+def checkpoint_layout(path: Path) -> str:
+    "'gguf', 'meta' or 'hf': which of the three layouts `path` holds."
+    if not path.is_dir():  # a file, which must be a regular one (not /dev/zero)
+        if is_gguf(check_file(path, "checkpoint")):
+            return "gguf"
+        raise CheckpointError(
+            f"{path} is not a GGUF file. Pass a .gguf file, or the directory of a Meta "
+            "(params.json) or Hugging Face (config.json) checkpoint."
+        )
+    if (path / "params.json").is_file():
+        return "meta"
+    if (path / "config.json").is_file():
+        return "hf"
+    if gguf_in(path) is not None:
+        return "gguf"
+    found = sorted(p.name for p in path.iterdir())[:8]
+    raise CheckpointError(
+        f"Unrecognised checkpoint layout in {path} (it holds {found}): expected Meta's"
+        " params.json + consolidated.NN.pth, Hugging Face's config.json +"
+        " *.safetensors, or one .gguf file."
+    )
+
+
+def checkpoint_path(source) -> Path:
+    """The local file or directory `source` names: None is the embedded model; a hub id
+    is downloaded (cached)."""
+    if source is None:
+        return embedded_model_path()
+    if not isinstance(source, (str, os.PathLike)):
+        raise InputError(
+            f"Cannot load a checkpoint from {source!r}: pass a path, a hub id, or None."
+        )
+    path = user_path(source, "checkpoint")
+    if path.exists():  # local first
+        return path
+    missing = (
+        f"No checkpoint at {source!r}: no such file or directory. Pass a Meta or"
+        " Hugging Face checkpoint directory, a .gguf file, or a hub id like"
+        " 'meta-llama/Llama-2-7b-hf'"
+    )
+    if not (isinstance(source, str) and HUB_ID.match(source)) or path.parent.is_dir():
+        # a local path (its folder exists): never a hub id
+        raise MissingFileError(missing + ".")
+    try:
+        return download_from_hub(source)
+    except DownloadError as e:
+        raise DownloadError(f"{missing}; as a hub id it failed too: {e}") from e
+
+
+def hub_token() -> Optional[str]:
+    """This machine's Hugging Face token (the HF_TOKEN variable or Colab secret, or a
+    saved login), or None."""
+    try:
+        from huggingface_hub import get_token
+    except ImportError:  # huggingface_hub is optional: no hub, no token
+        return None
+    return get_token()
+
+
+def hub_access(repo_id: str) -> Optional[str]:
+    """None if this machine's token may read `repo_id` on the hub, else why not and
+    what to do. Asks the hub about the repository only: nothing is downloaded."""
+    page = f"https://huggingface.co/{repo_id}"
+    if hub_token() is None:
+        return (
+            "no Hugging Face token here: store yours as the Colab secret HF_TOKEN (or"
+            " log in with the cell below), then run the cell again"
+        )
+    from huggingface_hub import auth_check
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        auth_check(repo_id)
+    except GatedRepoError:
+        return (
+            f"your Hugging Face token may not read {repo_id} yet: accept Meta's licence"
+            f" on {page} with the account that owns the token, wait for the e-mail"
+            " that grants access, then run the cell again"
+        )
+    except RepositoryNotFoundError:
+        return f"no repository {repo_id} that your token can see: check the id"
+    except Exception as e:  # no network, a revoked token, ...
+        return f"the hub could not check {repo_id} ({type(e).__name__}: {e})"
+    return None
+
+# %% ../notebooks/00_how_the_package_defends_itself.ipynb #93383c20
+import math
+
+
+def check_sampling(
+    temperature: float,
+    top_p: float,
+    top_k: int | None = None,
+    max_gen_len: int | None = None,
+    seed: int | None = None,
+):
+    "Raise an InputError naming the bad sampling parameter and its valid range."
+    real = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool)
+    if not (real(temperature) and math.isfinite(temperature) and temperature >= 0):
+        raise InputError(
+            f"temperature={temperature!r} is invalid: use a number >= 0 (0 means greedy"
+            " decoding)."
+        )
+    if not (real(top_p) and 0 < top_p <= 1):
+        raise InputError(
+            f"top_p={top_p!r} is invalid: use a probability in (0, 1] (1 keeps every"
+            " token)."
+        )
+    if top_k is not None:
+        check_int("top_k", top_k, minimum=0)  # 0 keeps every token
+    if max_gen_len is not None:
+        check_int("max_gen_len", max_gen_len, minimum=0)
+    if seed is not None:
+        check_seed(seed)
+
+
+def check_seed(seed) -> int:
+    "`seed` if torch's generators take it: an integer from 0 to 2**64 - 1."
+    if check_int("seed", seed, minimum=0) >= 2**64:
+        raise InputError(
+            f"seed={seed!r} is invalid: it must be an integer from 0 to 2**64 - 1."
+        )
+    return int(seed)
+
+# %% ../notebooks/00_how_the_package_defends_itself.ipynb #a186813e
+from collections.abc import Iterable
+
+
+def check_prompts(params, tokenizer, prompt_tokens) -> list[list[int]]:
+    """The prompts as lists of ints (ids may be numpy integers or 0-d tensors), or
+    an error naming the first problem: not a list of prompts, none, more than
+    `params.max_batch_size`, an empty one, one longer than `params.max_seq_len`, an
+    id `tokenizer.check_ids` refuses."""
+    one_id = lambda t: isinstance(t, (str, numbers.Integral)) or (
+        getattr(t, "ndim", None) == 0
+    )
+    if isinstance(prompt_tokens, str) or any(map(one_id, prompt_tokens)):
+        raise InputTypeError(
+            "prompt_tokens must be a list of prompts, each a list of token ids:"
+            " write generate([ids])."
+        )
+    if not len(prompt_tokens):
+        raise InputError("No prompts: pass a list with at least one prompt.")
+    if len(prompt_tokens) > params.max_batch_size:
+        raise InputError(
+            f"{len(prompt_tokens)} prompts are more than"
+            f" max_batch_size={params.max_batch_size}: pass fewer prompts at once,"
+            " or load the model with a larger max_batch_size."
+        )
+    prompts = []
+    for i, t in enumerate(prompt_tokens):
+        if len(t) == 0:
+            raise InputError(
+                f"Prompt {i} is empty (no tokens): give the model at least one"
+                " token to continue."
+            )
+        if len(t) > params.max_seq_len:
+            raise InputError(
+                f"Prompt {i} has {len(t)} tokens, more than"
+                f" max_seq_len={params.max_seq_len}: shorten it, or load the model"
+                " with a larger max_seq_len."
+            )
+        # every id a row of the embedding
+        prompts.append(tokenizer.check_ids(t))
+    return prompts
+
+
+def check_text_prompts(prompts) -> list[str]:
+    "`text_completion`'s prompts as a list of str, or an error naming the problem."
+    if isinstance(prompts, str) or not isinstance(prompts, Iterable):
+        raise InputTypeError(
+            "prompts must be a list of strings: write text_completion([prompt])."
+        )
+    prompts = list(prompts)  # a generator is read once, here
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise InputTypeError(
+                f"prompts[{i}] is {prompt!r}: each prompt must be a str."
+            )
+    return prompts
+
+
+def check_dialogs(dialogs) -> list:
+    "`chat_completion`'s dialogs as a list, or an error naming the problem."
+    if not isinstance(dialogs, (dict, str)) and isinstance(dialogs, Iterable):
+        dialogs = list(dialogs)  # a generator is read once, here
+    if not isinstance(dialogs, list) or (dialogs and isinstance(dialogs[0], dict)):
+        raise InputTypeError(
+            "dialogs must be a list of dialogs, each a list of messages: "
+            "write chat_completion([dialog])."
+        )
+    return dialogs
+
+
+def check_dialog(dialog: list) -> list:
+    """Raise an error naming the problem unless `dialog` is a list of messages
+    [system?], user, assistant, ..., user."""
+    if isinstance(dialog, (str, dict)) or not isinstance(dialog, (list, tuple)):
+        raise InputTypeError(
+            "A dialog is a list of messages, e.g. [{'role': 'user', 'content':"
+            f" 'Hello'}}], not a {type(dialog).__name__}; chat_completion takes a list"
+            " of dialogs."
+        )
+    for i, m in enumerate(dialog):
+        if not (
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+        ):
+            raise InputError(
+                f"Message {i} of the dialog is {m!r}: each message is a dict with a"
+                " 'role' and a str 'content', e.g. {'role': 'user', 'content':"
+                " 'Hello'}."
+            )
+    if not dialog or (dialog[0]["role"] == "system" and len(dialog) == 1):
+        raise InputError(
+            "A dialog needs at least one user message, e.g. [{'role': 'user',"
+            " 'content': 'Hello'}]."
+        )
+    turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
+    if not (
+        all(m["role"] == "user" for m in turns[::2])
+        and all(m["role"] == "assistant" for m in turns[1::2])
+    ):
+        raise InputError(
+            "The model only supports 'system', 'user' and 'assistant' roles, starting"
+            " with 'system', then 'user' and alternating (u/a/u/a/u...); got"
+            f" {[m['role'] for m in dialog]}."
+        )
+    if turns[-1]["role"] != "user":
+        raise InputError(
+            f"The last message must be from the user, got {turns[-1]['role']!r}."
+        )
+    return dialog
+
+# %% ../notebooks/00_how_the_package_defends_itself.ipynb #962bc206
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    """The integer environment variable `name` (torchrun sets WORLD_SIZE, RANK and
+    LOCAL_RANK for each process), or an InputError naming it."""
+    value = os.environ.get(name, "").strip() or str(default)
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise InputError(
+            f"The environment variable {name}={value!r} is not an integer >= {minimum}:"
+            " torchrun sets it for each process it starts; unset it to run in one"
+            " process."
+        )
+    return number
+
+
+def world_size() -> int:
+    "How many processes torchrun started (1 without torchrun)."
+    return env_int("WORLD_SIZE", 1, minimum=1)
+
+
+def check_one_process(model_parallel_size: int | None):
+    "Refuse a model-parallel build: chapter 9's `Llama.build` holds the whole model."
+    if world_size() > 1 or model_parallel_size not in (None, 1):
+        raise InputError(
+            "This Llama.build holds the whole model in one process: under torchrun,"
+            " use llama2_edu.Llama.build or llama2_edu.load, which load each"
+            " process's slice."
+        )
+
+# %% ../notebooks/00_how_the_package_defends_itself.ipynb #74b5471c
+import contextlib
+import functools
+import multiprocessing
+
+# bounds on rendering a chat template, which comes with the model file, not from you
+TEMPLATE_CHARS = 1 << 24  # the longest string (and output) a template may build
+TEMPLATE_MEMORY = 1 << 28  # bytes it may allocate (where the OS enforces RLIMIT_AS)
+TEMPLATE_SECONDS = 5.0  # wall-clock time it may take
+
+
+class TemplateBoundError(Exception):
+    "A chat template went past one of the bounds above."
+
+
+@functools.lru_cache(maxsize=None)
+def template_environment():
+    """The Jinja environment chat templates run in, as transformers sets it up:
+    sandboxed and immutable (no attribute escapes, no changing the messages),
+    `trim_blocks`/`lstrip_blocks`, `{% break %}`/`{% continue %}`, `{% generation %}`
+    (its body rendered as is), `raise_exception` and `strftime_now`; and bounded:
+    `*`, `**` and `+` refuse a result above TEMPLATE_CHARS before computing it (the
+    sandbox already caps `range` at 100,000 items, with an OverflowError)."""
+    from datetime import datetime
+
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        "`{% generation %}...{% endgeneration %}`: the body, rendered in place."
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    def size(x):
+        return len(x) if isinstance(x, (str, list, tuple)) else 1
+
+    def sequence(x):
+        return isinstance(x, (str, list, tuple))
+
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "+"})
+
+        def call_binop(self, context, operator, left, right):
+            ints = [x for x in (left, right) if isinstance(x, int)]
+            if operator == "*" and ints and (sequence(left) or sequence(right)):
+                too_big = size(left) * size(right) * ints[0] > TEMPLATE_CHARS
+            elif operator == "**" and len(ints) == 2:
+                too_big = abs(left) > 1 and right * left.bit_length() > 64 * 1024
+            elif operator == "+":
+                too_big = size(left) + size(right) > TEMPLATE_CHARS
+            else:
+                too_big = False
+            if too_big:
+                raise TemplateBoundError(
+                    f"its {operator!r} would build a value of more than"
+                    f" {TEMPLATE_CHARS:,} characters (or a huge number)"
+                )
+            return super().call_binop(context, operator, left, right)
+
+    def raise_exception(message):
+        raise InputError(f"The chat template refused the dialog: {message}")
+
+    env = BoundedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, Generation]
+    )
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def render_in_worker(render, seconds: float, memory: int) -> str:
+    """`render()` in a forked child process, which this process kills after `seconds`
+    of wall-clock time, whatever the child is doing (a huge integer division, a filter
+    written in Python); the child alone limits its address space to `memory` more bytes
+    (RLIMIT_AS). Nothing of this process changes: no limit, no trace function, no
+    signal handler. Where fork is not available, `render()` runs here, bounded only by
+    the sandbox's own limits."""
+    try:
+        context = multiprocessing.get_context("fork")
+    except ValueError:  # Windows
+        return render()
+    receive, send = context.Pipe(duplex=False)
+
+    def child():
+        try:
+            with contextlib.suppress(ImportError, OSError, ValueError):
+                import resource
+
+                with open("/proc/self/statm") as f:  # pages of address space in use
+                    in_use = int(f.read().split()[0]) * resource.getpagesize()
+                hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+                resource.setrlimit(resource.RLIMIT_AS, (in_use + memory, hard))
+            send.send(("text", render()))
+        except InputError as e:  # the template's own raise_exception
+            send.send(("refused", str(e)))
+        except BaseException as e:  # TemplateError, MemoryError, RecursionError, ...
+            reason = "out of memory" if isinstance(e, MemoryError) else e
+            send.send(("failed", f"{type(e).__name__}: {reason}"))
+
+    worker = context.Process(target=child, daemon=True)
+    worker.start()
+    send.close()
+    try:
+        if not receive.poll(seconds):
+            raise TemplateBoundError(
+                f"TemplateBoundError: it ran for more than {seconds:g} s"
+            )
+        kind, value = receive.recv()
+    except EOFError:  # the child died without a word (killed for its memory)
+        kind, value = "failed", "MemoryError: its process died (out of memory?)"
+    finally:
+        worker.kill()
+        worker.join()
+        receive.close()
+    if kind == "refused":
+        raise InputError(value)
+    if kind == "failed":
+        raise TemplateBoundError(value)
+    return value
+
+
+def render_chat_template(
+    template: str,
+    dialog: list,
+    bos_token: str = "",
+    eos_token: str = "",
+    add_generation_prompt: bool = True,
+    source: str = "the tokenizer",
+) -> str:
+    """Render a Jinja chat template (as stored in GGUF and Hugging Face tokenizers) for
+    `dialog`, within the bounds above, in a worker process (`render_in_worker`). Any
+    failure, from a syntax error to a template that loops for ever or writes nothing,
+    is a CheckpointError naming `source` (the file it came from); the template's own
+    `raise_exception` is an InputError."""
+    environment = template_environment()  # built here, once: each child inherits it
+
+    def render():
+        chunks = (
+            environment.from_string(template)
+            .generate(
+                messages=list(dialog),
+                bos_token=bos_token,
+                eos_token=eos_token,
+                add_generation_prompt=add_generation_prompt,
+            )
+        )
+        text, n = [], 0
+        for chunk in chunks:  # an output budget, counted as it is produced
+            n += len(chunk)
+            if n > TEMPLATE_CHARS:
+                raise TemplateBoundError(
+                    f"it wrote more than {TEMPLATE_CHARS:,} characters"
+                )
+            text.append(chunk)
+        return "".join(text)
+
+    try:
+        text = render_in_worker(render, TEMPLATE_SECONDS, TEMPLATE_MEMORY)
+    except InputError:
+        raise
+    except Exception as e:  # TemplateBoundError, or a failure where fork is missing
+        reason = e if isinstance(e, TemplateBoundError) else f"{type(e).__name__}: {e}"
+        raise CheckpointError(
+            f"The chat template of {source} (tokenizer.chat_template) cannot be"
+            f" rendered: {reason}. Drop --chat (or call text_completion) to continue"
+            " plain text, or use a file with a working template."
+        ) from None
+    if not text:
+        raise CheckpointError(
+            f"The chat template of {source} (tokenizer.chat_template) wrote nothing"
+            " for this dialog, so there is no prompt to answer: use a file with a"
+            " working template, or drop --chat (call text_completion) to continue"
+            " plain text."
+        )
+    return text
+
+# %% ../notebooks/00_how_the_package_defends_itself.ipynb #6b955b9f
+import math
+
+
+def check_cost(cost) -> float:
+    """A draft's `cost`, what one drafted token costs in plain decoding steps: a number
+    > 0."""
+    real = isinstance(cost, numbers.Real) and not isinstance(cost, bool)
+    if not (real and 0 < cost < math.inf):
+        raise InputError(
+            f"cost={cost!r} is invalid: use a number > 0, what one drafted token"
+            " costs in plain decoding steps (prompt lookup's default: 0.09)."
+        )
+    return float(cost)
+
+
+def check_ngrams(min_ngram, max_ngram) -> tuple:
+    "Prompt lookup's n-gram lengths: integers with 1 <= min_ngram <= max_ngram."
+    check_int("min_ngram", min_ngram)
+    if check_int("max_ngram", max_ngram) < min_ngram:
+        raise InputError(
+            f"max_ngram={max_ngram!r} is less than min_ngram={min_ngram!r}: use"
+            " 1 <= min_ngram <= max_ngram."
+        )
+    return int(min_ngram), int(max_ngram)
+
+
+def not_a_draft(value) -> InputError:
+    "The error for a `speculate=` that names no draft."
+    return InputError(
+        f"speculate={value!r} is not a draft: pass 'lookup', a Llama to draft with, a"
+        " PromptLookup(...) or DraftModel(...), or None (no speculation)."
+    )
+
+
+def not_a_llama(value) -> InputTypeError:
+    "The error for a draft model that is not a chapter 9 Llama."
+    return InputTypeError(
+        f"DraftModel drafts with a Llama, not a {type(value).__name__}: pass a"
+        " smaller model with the target's tokenizer, e.g. Llama.build(path)."
+    )
+
+
+def check_draft_batch(bsz: int, max_batch_size: int):
+    "Refuse a batch larger than the draft model's caches hold."
+    if bsz > max_batch_size:
+        raise InputError(
+            f"The draft model holds {max_batch_size} sequence(s) at a time"
+            f" (max_batch_size={max_batch_size}) and the batch has {bsz}: build the"
+            f" draft with max_batch_size={bsz} or more, e.g. Llama.build(path,"
+            f" max_batch_size={bsz}), or pass fewer prompts."
+        )
+
+# %% ../notebooks/00_how_the_package_defends_itself.ipynb #7262c9f2
+class VocabularyMismatch(InputError):
+    "The draft model and the target do not share a vocabulary."
+
+
+def check_vocabulary(target, draft):
+    """Raise VocabularyMismatch unless the draft's token ids mean what the target's
+    mean (two chapter 9 Llamas): the same vocabulary size, and the same piece for every
+    id."""
+    n_target, n_draft = target.model.vocab_size, draft.model.vocab_size
+    if n_target == n_draft:  # then the tokenizers' sizes must agree too
+        n_target, n_draft = target.tokenizer.n_words, draft.tokenizer.n_words
+    if n_target != n_draft:
+        raise VocabularyMismatch(
+            f"The draft model's vocabulary has {n_draft} tokens and the target's"
+            f" {n_target}: speculative decoding compares token ids, so the draft must"
+            " use the target's tokenizer; pick a draft of the same family, or"
+            " speculate='lookup'."
+        )
+    for i in range(n_target):
+        if target.tokenizer.id_to_piece(i) != draft.tokenizer.id_to_piece(i):
+            raise VocabularyMismatch(
+                f"The draft model's vocabulary has {n_draft} tokens, as the target's,"
+                f" but token {i} is {draft.tokenizer.id_to_piece(i)!r} for the draft"
+                f" and {target.tokenizer.id_to_piece(i)!r} for the target: the draft"
+                " must use the target's tokenizer; pick a draft of the same family,"
+                " or speculate='lookup'."
+            )
+
+# %% ../notebooks/00_how_the_package_defends_itself.ipynb #0fd45310
+import argparse
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr, `error: ...`, like every other
+    error (exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def one_line(message) -> str:
+    "A message on one line: the CLI prints every error as `error: ...`."
+    return re.sub(r"\s*\n\s*", " ", str(message)).strip()
+
+
+def explained(e: Exception) -> bool:
+    """Errors whose message says what to fix: the package's own, and those about files,
+    values and imports."""
+    return isinstance(
+        e, (Llama2EduError, ValueError, OSError, ImportError, NotImplementedError)
+    )
+
+# %% ../notebooks/00_how_the_package_defends_itself.ipynb #8f744287
+def read_prompt(args, parser) -> str:
+    """The prompt from the argument, --file, or standard input, in that order: UTF-8
+    text."""
+    if args.prompt is not None and args.prompt != "-":
+        if args.file:
+            parser.error(
+                "give the prompt either as an argument or with --file, not both"
+            )
+        try:  # arguments that were not UTF-8 arrive as lone surrogates
+            return args.prompt.encode("utf-8", "strict").decode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(
+                "the PROMPT argument is not UTF-8 text: pass UTF-8, or use --file"
+            ) from None
+    stdin = sys.stdin  # None when the shell closed it (<&-)
+    if args.file:
+        path = Path(args.file)
+        if path.is_dir():
+            parser.error(f"--file {args.file} is a directory, not a text file")
+        if not path.exists():
+            parser.error(f"--file {args.file}: no such file")
+        # a FIFO or <(...) too: read as a stream, up to the limit
+        with open(path, "rb") as f:
+            data, source = read_limited(f), f"--file {args.file}"
+    elif args.prompt == "-" and stdin is None:
+        raise InputError("PROMPT is '-', but standard input is closed: pass the text")
+    elif args.prompt == "-" or (stdin is not None and not stdin.isatty()):
+        # bytes, decoded below: no locale guesswork
+        binary = getattr(stdin, "buffer", None)
+        data = read_limited(binary) if binary else stdin.read().encode("utf-8")
+        source = "standard input"
+    else:
+        parser.error(
+            "no prompt: give it as an argument, with --file PATH, or on standard input"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"{source} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset"
+            f" {e.start}): save it as UTF-8"
+        ) from None
+    return text[:-1] if text.endswith("\n") else text
+
+
+MAX_PROMPT_BYTES = 16 << 20  # far more than any model's context
+
+
+def read_limited(f) -> bytes:
+    "All of binary stream `f`, or an InputError if it holds more than MAX_PROMPT_BYTES."
+    data = f.read(MAX_PROMPT_BYTES + 1)
+    if len(data) > MAX_PROMPT_BYTES:
+        raise InputError(
+            f"The prompt is longer than {MAX_PROMPT_BYTES >> 20} MiB, far more than a"
+            " model's context: pass a shorter text."
+        )
+    return data
+
+# %% ../notebooks/00_how_the_package_defends_itself.ipynb #83d8fecf
+def check_speculate(value: str, n_draft):
+    "`--speculate VALUE` and `--n-draft N`, checked before anything is loaded."
+    if value != "lookup" and not (
+        user_path(value, "--speculate draft").exists() or HUB_ID.match(value)
+    ):
+        raise InputError(
+            f"--speculate {value}: no such file or directory. Pass 'lookup' (prompt"
+            " lookup) or a draft checkpoint that shares the model's tokenizer (a"
+            " directory, a .gguf file or a hub id)"
+        )
+    if n_draft is not None:
+        check_int("--n-draft", n_draft, minimum=1)
+
+
+def check_options(args):
+    """Refuse, naming the option, what is wrong with the options before anything is
+    loaded (the sampling parameters are chapter 9's `check_sampling`'s)."""
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        raise InputError(
+            f"--max-seq-len {args.max_seq_len} is invalid: it must be an integer >= 1 "
+            "(the positions the KV cache holds)"
+        )
+    if args.max_gen_len < 0:
+        raise InputError(
+            f"--max-gen-len {args.max_gen_len} is invalid: it must be an integer >= 0"
+        )
+    room = args.max_seq_len or DEFAULT_MAX_SEQ_LEN
+    if args.max_gen_len >= room:
+        raise InputError(
+            f"--max-gen-len {args.max_gen_len} does not fit the KV cache of"
+            f" --max-seq-len {room} positions, which prompt and completion share: lower"
+            " --max-gen-len, or raise --max-seq-len (up to the context the model was"
+            " trained for)"
+        )
+    if args.speculate is not None:
+        check_speculate(args.speculate, args.n_draft)
+    elif args.n_draft is not None:
+        raise InputError(
+            "--n-draft is the longest draft of --speculate: add --speculate lookup (or"
+            " a draft checkpoint), or drop --n-draft"
+        )
+    if args.system is not None and not args.chat:
+        raise InputError(
+            "--system is the system prompt of a --chat conversation: add --chat, or"
+            " drop --system"
+        )
+
+
+def check_parallel(quantize, fuse: bool, compile: bool):
+    "Refuse the levers that tensor parallelism does not combine with."
+    if compile:
+        raise InputError(
+            "compile=True is not combined with tensor parallelism (torchrun): leave it"
+            " out, and each process decodes eagerly."
+        )
+    if fuse:
+        raise InputError(
+            "fuse=True is not combined with tensor parallelism (torchrun): leave it"
+            " out, and each process keeps its slices of wq, wk, wv, w1 and w3."
+        )
+    if quantize not in ("auto", None):
+        raise InputError(
+            f"quantize={quantize!r} is not combined with tensor parallelism"
+            " (torchrun): pass quantize=None, and each process loads its slice in"
+            " plain layers."
+        )

@@ -36,21 +36,24 @@ def run(name: str, ckpt: str, out: str):
     torch.save(result, f"{out}/{name}.rank{dist.get_rank()}.pt")
 
 
-def entry_points(meta: str, gguf: str, hf: str, out: str):
-    "Llama.build with Meta's model_parallel_size, and load()'s quantize= under torchrun."
+def entry_points(meta: str, gguf: str, hf256: str, out: str):
+    """Llama.build with Meta's model_parallel_size, load()'s quantize= under torchrun, and one process's context rule
+    and memory check on a checkpoint trained on 256 positions."""
     from llama2_edu import Llama
     world_size, result = dist.get_world_size(), {}
     llama = Llama.build(meta, max_seq_len=64, max_batch_size=2, model_parallel_size=world_size, device="cpu",
                         dtype=torch.float32)
     result["build_greedy"] = llama.generate(PROMPTS, max_gen_len=8, temperature=0)[0]
     for key, call in [("build_error", lambda: Llama.build(meta, model_parallel_size=world_size + 1, device="cpu")),
-                      ("quantize_error", lambda: llama2_edu.load(gguf, device="cpu", quantize="int8"))]:
+                      ("quantize_error", lambda: llama2_edu.load(gguf, device="cpu", quantize="int8")),
+                      ("too_long_error", lambda: llama2_edu.load(hf256, device="cpu", max_seq_len=300)),
+                      ("huge_cache_error", lambda: llama2_edu.load(hf256, device="cpu", max_batch_size=10**7))]:
         try:
             call()
         except ValueError as e:
             result[key] = str(e)
-    # no max_seq_len: one process's rule, the trained context (64 positions here) up to 512
-    result["default_max_seq_len"] = llama2_edu.load(hf, device="cpu").args.max_seq_len
+    # no max_seq_len: one process's rule, the trained context (256 positions here) up to 512
+    result["default_max_seq_len"] = llama2_edu.load(hf256, device="cpu").args.max_seq_len
     llama = llama2_edu.load(gguf, device="cpu", max_seq_len=64, max_batch_size=2)  # quantize="auto"
     result["gguf_auto_dtype"] = str(llama.model.layers[0].attention.wq.weight.dtype)
     result["gguf_auto_greedy"] = llama.generate(PROMPTS, max_gen_len=8, temperature=0)[0]
@@ -62,5 +65,4 @@ if __name__ == "__main__":
     for name, ckpt in spec["checkpoints"].items():
         run(name, ckpt, spec["out"])
     if spec.get("entry_points"):
-        entry_points(spec["checkpoints"]["meta2"], spec["checkpoints"]["gguf"], spec["checkpoints"]["hf"],
-                     spec["out"])
+        entry_points(spec["checkpoints"]["meta2"], spec["checkpoints"]["gguf"], spec["entry_points"], spec["out"])

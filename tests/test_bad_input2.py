@@ -231,7 +231,8 @@ def test_chat_templates_under_a_memory_limit(tmp_path):
     code = textwrap.dedent(f"""
         import json, time
         import llama2_edu.generation as g
-        g.TEMPLATE_SECONDS = 1.0
+        import llama2_edu.support
+        llama2_edu.support.TEMPLATE_SECONDS = 1.0  # the sandbox's deadline (the appendix)
         out = {{}}
         for name, template in json.loads({json.dumps(json.dumps({k: v[0] for k, v in {**HOSTILE, **REAL}.items()}))}).items():
             start = time.monotonic()
@@ -462,7 +463,8 @@ def test_file_reads_fifos_with_a_limit(tmp_path, monkeypatch):
 
     feed(b"The capital of France is\n")
     assert cli_main.read_prompt(parser.parse_args(["--file", str(fifo)]), parser) == "The capital of France is"
-    monkeypatch.setattr(cli_main, "MAX_PROMPT_BYTES", 16)
+    import llama2_edu.support as support  # read_prompt's module (the appendix)
+    monkeypatch.setattr(support, "MAX_PROMPT_BYTES", 16)
     feed(b"x" * 100)
     with pytest.raises(InputError, match="The prompt is longer than"):
         cli_main.read_prompt(parser.parse_args(["--file", str(fifo)]), parser)

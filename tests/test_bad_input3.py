@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from llama2_edu import generation
+from llama2_edu import generation, support
 from llama2_edu.generation import Llama, dialog_tokens, render_chat_template
 from llama2_edu.model_file import CheckpointError, InputError
 from llama2_edu.tokenizer import tokenizer_from_gguf
@@ -41,7 +41,7 @@ def tokenizer(embedded_reader):
 
 def test_a_template_is_stopped_at_its_deadline(monkeypatch):
     "lipsum is a filter written in Python: its frames are no template's, and it runs for about 40 s."
-    monkeypatch.setattr(generation, "TEMPLATE_SECONDS", 1.0)
+    monkeypatch.setattr(support, "TEMPLATE_SECONDS", 1.0)  # the sandbox's deadline (the appendix)
     start = time.monotonic()
     with pytest.raises(CheckpointError, match="ran for more than 1 s"):
         render_chat_template("{{ lipsum(100000) }}", DIALOG, source="evil.gguf")

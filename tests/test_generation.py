@@ -6,8 +6,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from llama2_edu.generation import (UNSAFE_ERROR, Llama, llama2_chat_tokens, predictions, sample_next, sample_top_p,
-                                   stream_text)
+from llama2_edu.generation import (UNSAFE_ERROR, Llama, batch_layout, decode_steps, llama2_chat_tokens, predictions,
+                                   prefill, sample_next, sample_top_p, sampling_probs, stream_text)
 from llama2_edu.tokenizer import FRENCH_PROMPT, SentencePieceTokenizer, tokenizer_from_gguf
 
 PROMPTS = [
@@ -94,6 +94,63 @@ def test_top_k_never_samples_outside_the_k_best():
         best = set(sorted(range(100), key=lambda i: -logits[i].item())[:k])
         draws = sample_next(logits.expand(4000, 100), temperature=1.5, top_p=1.0, top_k=k, generator=gen).tolist()
         assert set(draws) == best
+
+
+# one setting per row: greedy, top-k 1 (at T = 1), top-p 0.6 at T = 0.7, top-k 5 at T = 1.3
+ROW_SETTINGS = torch.tensor([0.0, 1.0, 0.7, 1.3]), torch.tensor([1.0, 1.0, 0.6, 1.0]), torch.tensor([0, 1, 0, 5])
+
+
+def test_sampling_probs_takes_one_setting_per_row():
+    "Four rows, four settings in one call: greedy, top-k 1, top-p 0.6 and top-k 5; each row gets its own distribution."
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=gen) * 3
+    temperature, top_p, top_k = ROW_SETTINGS
+    probs = sampling_probs(logits, temperature, top_p, top_k)
+    best = logits.argmax(-1)
+    one_hot = torch.nn.functional.one_hot(best, 50).float()
+    assert torch.equal(probs[0], one_hot[0]) and torch.equal(probs[1], one_hot[1])  # greedy, and top-k 1
+    # top-p 0.6 at T = 0.7, by its definition: most likely tokens first, until their total reaches 0.6
+    p, nucleus, total = torch.softmax(logits[2] / 0.7, -1), [], 0.0
+    for i in p.argsort(descending=True).tolist():
+        nucleus, total = nucleus + [i], total + p[i].item()
+        if total >= 0.6:
+            break
+    assert 1 < len(nucleus) < 50
+    expected = torch.zeros(50)
+    expected[nucleus] = p[nucleus] / p[nucleus].sum()
+    torch.testing.assert_close(probs[2], expected)
+    # top-k 5 at T = 1.3
+    p, expected = torch.softmax(logits[3] / 1.3, -1), torch.zeros(50)
+    keep = p.topk(5).indices
+    expected[keep] = p[keep] / p[keep].sum()
+    torch.testing.assert_close(probs[3], expected)
+    for b in range(4):  # each row as numbers, alone
+        alone = sampling_probs(logits[b : b + 1], temperature[b].item(), top_p[b].item(), int(top_k[b]))
+        torch.testing.assert_close(probs[b : b + 1], alone)
+
+
+def test_sample_next_draws_from_sampling_probs_row_by_row():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 50, generator=gen) * 3
+    temperature, top_p, top_k = ROW_SETTINGS
+    probs = sampling_probs(logits, temperature, top_p, top_k)
+    n = 4000
+    draws = sample_next(logits.repeat(n, 1), temperature.repeat(n), top_p.repeat(n), top_k.repeat(n), gen).view(n, 4)
+    best = logits.argmax(-1)
+    assert (draws[:, 0] == best[0]).all() and (draws[:, 1] == best[1]).all()  # greedy, and top-k 1
+    for b in (2, 3):
+        assert set(draws[:, b].tolist()) == set(probs[b].nonzero().flatten().tolist())
+        frequency = torch.bincount(draws[:, b], minlength=50) / n
+        assert (frequency - probs[b]).abs().max() < 0.05
+    # the very distribution it draws from: the same generator state gives the same tokens
+    a = sample_next(logits[2:], temperature[2:], top_p[2:], top_k[2:], torch.Generator().manual_seed(5))
+    b = torch.multinomial(sampling_probs(logits[2:], temperature[2:], top_p[2:], top_k[2:]), 1,
+                          generator=torch.Generator().manual_seed(5))[:, 0]
+    assert torch.equal(a, b)
+    # greedy rows alone draw nothing: torch's random state is left alone
+    state = torch.random.get_rng_state()
+    assert torch.equal(sample_next(logits, torch.tensor([0.0, 0.0, 1e-46, 0.0])), best)
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_greedy_is_argmax():
@@ -312,17 +369,46 @@ class CountingModel:
         return getattr(self.model, name)
 
 
-def test_ragged_batch_does_no_work_on_padding_and_equals_one_by_one(llama):
+def test_ragged_batch_is_prefilled_in_one_pass_and_equals_one_by_one(llama):
     short, long = llama.encode_prompt("Hi"), llama.encode_prompt(" ".join(["word"] * 60) + ". The capital of France is")
     counting = Llama(CountingModel(llama.model), llama.tokenizer)
     batched, _ = counting.generate([short, long], max_gen_len=6, temperature=0, ignore_eos=True)
-    # no work on padding: each prompt's own tokens once, then one position per row for the 5 later tokens
-    assert counting.model.positions == len(short) + len(long) + 5 * 2
+    # one prefill over the batch, right-padded to the longest prompt, then one position per row for the 5 later tokens
+    assert counting.model.positions == 2 * len(long) + 5 * 2
     assert batched == [llama.generate([t], max_gen_len=6, temperature=0, ignore_eos=True)[0][0] for t in (short, long)]
-    # three prompts, the longest in the middle: rows are filled from the last to the first
+    # three prompts, the longest in the middle
     mid = llama.encode_prompt("The capital of France is")
     assert counting.generate([short, long, mid], max_gen_len=4, temperature=0, ignore_eos=True)[0] == [
         llama.generate([t], max_gen_len=4, temperature=0, ignore_eos=True)[0][0] for t in (short, long, mid)]
+
+
+def rows_alone_and_together(llama, prompts, max_gen_len):
+    "For each prompt: the tokens each decoding step wrote for it and the logits it drew them from, (steps, vocab)."
+    tokens, prompt_lens, ends = batch_layout(prompts, max_gen_len, llama.args.max_seq_len, "cpu")
+    with torch.inference_mode():
+        logits, _ = prefill(llama.model, tokens, prompt_lens)
+        steps = list(decode_steps(llama.model, tokens, prompt_lens, ends, logits, llama.tokenizer.eos_id, 0, 1.0,
+                                  None, None, ignore_eos=True))
+    return [([tokens[b, pos[b]].item() for pos, live, _ in steps if live[b]],
+             torch.stack([logits[b] for _, live, logits in steps if live[b]])) for b in range(len(prompts))]
+
+
+def test_each_row_decodes_at_its_own_positions_as_it_would_alone(llama):
+    """Prompts of different lengths start at position 0 and decode each at its own position (start_pos a tensor):
+    each row gets the tokens (greedy, fp32) and the logits it gets alone, although the prefill wrote the padding of
+    the shorter rows into the cache, including a row whose prompt + max_gen_len passes max_seq_len beside short ones."""
+    max_seq_len = llama.args.max_seq_len
+    short, mid = llama.encode_prompt(PROMPTS[1]), llama.encode_prompt(PROMPTS[0])
+    long = llama.encode_prompt("Paris is a city. " * 200)[: max_seq_len - 5]
+    prompts = [short, long, mid]
+    together = rows_alone_and_together(llama, prompts, 8)
+    assert [len(t) for t, _ in together] == [8, 5, 8]  # the long row stops at max_seq_len, the others do not
+    for prompt, (tokens, logits) in zip(prompts, together):
+        [(tokens_alone, logits_alone)] = rows_alone_and_together(llama, [prompt], 8)
+        assert tokens == tokens_alone
+        assert (logits - logits_alone).abs().max().item() <= 1e-4
+    generated, _ = llama.generate(prompts, max_gen_len=8, temperature=0, ignore_eos=True)
+    assert generated == [tokens for tokens, _ in together]
 
 
 def test_ragged_batch_with_logprobs_equals_one_by_one(llama):

@@ -197,6 +197,30 @@ def attached_methods(tree: ast.AST, where: str) -> list:
     return problems
 
 
+def method_names(trees) -> set:
+    "The names of the methods the package's classes define (`forward`, `generate`, ...; not properties)."
+    return {f.name for tree in trees for c in ast.walk(tree) if isinstance(c, ast.ClassDef)
+            for f in c.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and not any("property" in ast.unparse(d) or "setter" in ast.unparse(d) for d in f.decorator_list)}
+
+
+def patched_methods(tree: ast.AST, where: str, methods: set) -> list:
+    """Statements anywhere (inside functions too) that replace a method on an object: `obj.forward = ...`,
+    `layer.generate = partial(...)`, `setattr(obj, "forward", ...)`, where the name is a method of a package
+    class. A lever that speeds something up wraps or replaces the object, or hands the loop a function."""
+    problems = []
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr" and len(node.args) > 1 \
+                and isinstance(node.args[1], ast.Constant):
+            targets = [ast.Attribute(value=node.args[0], attr=node.args[1].value)]
+        for t in targets:
+            own = isinstance(t, ast.Attribute) and getattr(t.value, "id", None) == "self"  # its own attributes
+            if isinstance(t, ast.Attribute) and t.attr in methods and not own:
+                problems.append(f"{where}:{node.lineno} replaces the method {ast.unparse(t)} on an object")
+    return problems
+
+
 def report(what: str, problems: list) -> str:
     return f"{len(problems)} {what}:\n" + "\n".join(problems)
 
@@ -257,6 +281,15 @@ def test_methods_are_defined_in_their_class():
     assert not problems, report("methods attached to a class after its definition", problems)
 
 
+def test_no_method_is_replaced_on_an_instance():
+    trees = {name: ast.parse(path.read_text(encoding="utf-8")) for name, path in MODULES.items()}
+    methods = method_names(trees.values()) | {"forward", "__call__"}
+    problems = []
+    for name, tree in trees.items():
+        problems += patched_methods(tree, MODULES[name].relative_to(ROOT).as_posix(), methods)
+    assert not problems, report("methods replaced on an instance", problems)
+
+
 # --- the checker itself -------------------------------------------------------------------------------------------
 
 def test_the_checker_finds_every_kind_of_violation(tmp_path):
@@ -314,6 +347,13 @@ def test_the_method_checker_finds_attached_methods():
                      "if True:\n    Cache.copy_row = lambda self: None\n"
                      "setattr(Cache, 'allocate', None)\n"
                      "options = object()\noptions.verbose = True\n")
+    methods = method_names([tree]) | {"forward"}
+    assert patched_methods(ast.parse("def compile(model):\n    model.forward = torch.compile(model.forward)\n"
+                                     "    for layer in model.layers:\n        layer.update = partial(f, layer)\n"
+                                     "    setattr(model, 'forward', None)\n    model.step = f\n"), "m.py", methods) == [
+        "m.py:2 replaces the method model.forward on an object",
+        "m.py:4 replaces the method layer.update on an object",
+        "m.py:5 replaces the method model.forward on an object"]
     assert attached_methods(tree, "m.py") == ["m.py:7 attaches Llama.generate after the class",
                                               "m.py:9 attaches Cache.copy_row after the class",
                                               "m.py:10 attaches Cache.? after the class"]

@@ -48,6 +48,8 @@ def ckpts(tmp_path_factory):
     write_hf(root / "hf_tied", random_state_dict(tied_args, seed=1), tied_args, tokenizer_model,
              tie_word_embeddings=True)
     paths["hf"], paths["hf_tied"], paths["hf_bin"] = root / "hf", root / "hf_tied", root / "hf_bin"
+    paths["hf256"] = root / "hf256"  # trained on 256 positions
+    write_hf(paths["hf256"], state_dict, tiny_args(max_seq_len=256), tokenizer_model)
     paths["hf_bin"].mkdir()  # PyTorch's .bin: memory-mapped, each rank un-permutes its slice in place
     for name in ["config.json", "tokenizer.model"]:
         shutil.copy(root / "hf" / name, paths["hf_bin"])
@@ -74,7 +76,7 @@ def launch(ckpts, n: int, names, entry_points=False) -> dict:
     out.mkdir()
     spec = ckpts["root"] / f"spec{n}.json"
     spec.write_text(json.dumps(dict(out=str(out), checkpoints={k: str(ckpts["paths"][k]) for k in names},
-                                    entry_points=entry_points)))
+                                    entry_points=entry_points and str(ckpts["paths"]["hf256"]))))
     run = torchrun(n, TESTS / "parallel_worker.py", spec)
     assert run.returncode == 0, run.stderr[-3000:]
     names = [*names, "entry_points"] if entry_points else names
@@ -181,7 +183,11 @@ def test_build_and_quantize_under_torchrun(ranks2, single):
                                    "model_parallel_size=2, or leave it out."
         assert r["quantize_error"].startswith("quantize='int8' is not combined with tensor parallelism")
         assert r["gguf_auto_dtype"] == "torch.bfloat16" and r["gguf_auto_greedy"] == results[0]["gguf_auto_greedy"]
-        assert r["default_max_seq_len"] == 64  # trained on 64 positions: loads, as in one process
+        # one process's context rule and memory check: a checkpoint trained on 256 positions loads them all by
+        # default, refuses more, and refuses a cache larger than the memory, naming the fix
+        assert r["default_max_seq_len"] == 256
+        assert r["too_long_error"].startswith("max_seq_len=300 is more than the 256 positions hf256 was trained for")
+        assert "GB of memory available on cpu: lower max_seq_len" in r["huge_cache_error"]
 
 
 def test_shards_of_rank():

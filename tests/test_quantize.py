@@ -184,10 +184,10 @@ def test_quantize_model_refuses_bad_modes(embedded_reader):
 
 def test_a_hub_repository_holding_a_gguf_runs_at_the_files_precision(tmp_path, monkeypatch):
     "load() resolves a hub id once, so the downloaded folder's .gguf keeps its own precision, as a local file does."
-    from llama2_edu import checkpoint
+    from llama2_edu import support  # checkpoint_path's module (the appendix)
     snapshot = tmp_path / "snapshot"  # what the hub's cache holds: a folder with the file (a link to a blob)
     snapshot.mkdir()
     (snapshot / embedded_model_path().name).symlink_to(embedded_model_path())
-    monkeypatch.setattr(checkpoint, "download_from_hub", lambda repo_id: snapshot)
+    monkeypatch.setattr(support, "download_from_hub", lambda repo_id: snapshot)
     model = load("someone/SmolLM2-135M-Instruct-GGUF", device="cpu", max_seq_len=64, max_batch_size=1).model
     assert isinstance(model.layers[0].attention.wq, Int4Linear) and isinstance(model.output, Int8Linear)

@@ -1,9 +1,10 @@
 """Speculative decoding (chapter 11): greedy speculation writes plain greedy's tokens, sampled speculation keeps the
-target's distribution (a chi-square test against the exact distribution, seeded), the cache is rolled back up to
-its last position, a draft with another vocabulary is refused in one clear error, and so are bad draft arguments, where
-the draft is made. A draft model's cost counts the bytes a step reads (a quantized target still drafts), a draft
-trained for fewer positions drafts within them, and the draft length stops at its gain's peak whatever n_draft is.
-No timing assertions (one subprocess has a timeout, against a scan that would not end)."""
+target's distribution (a chi-square test against the exact distribution, seeded), for one prompt and for a batch of
+prompts of different lengths, each row at its own position; the cache is rolled back up to its last position, a draft
+with another vocabulary is refused in one clear error, and so are bad draft arguments, where the draft is made, and a
+draft model whose cache holds fewer rows than the batch. A draft model's cost counts the bytes a step reads (a quantized
+target still drafts), a draft trained for fewer positions drafts within them, and the draft length stops at its gain's
+peak whatever n_draft is. No timing assertions (one subprocess has a timeout, against a scan that would not end)."""
 import itertools
 import math
 import re
@@ -59,6 +60,28 @@ def test_greedy_with_a_draft_model_is_plain_greedy(fp32):
     assert spec == plain and draft.stats["accepted"] > 0
 
 
+BATCH = [PROMPTS[0], PROMPTS[1], PROMPTS[3]]  # 43, 5 and 24 tokens: each row moves at its own position
+
+
+def test_a_batch_speculates_each_row_as_plain_greedy(fp32):
+    "generate(..., speculate=) through the package's Llama: each row of a batch is that prompt's plain greedy alone."
+    import llama2_edu
+    llama = llama2_edu.Llama(fp32.model, fp32.tokenizer)
+    ids = [llama.encode_prompt(p) for p in BATCH]
+    assert len({len(i) for i in ids}) == 3
+    alone = [llama.generate([i], 24, temperature=0)[0][0] for i in ids]
+    drafts = (S.PromptLookup(8), S.PromptLookup(4, adaptive=False),
+              S.DraftModel(PlainLlama(fp32.model, fp32.tokenizer), 3, adaptive=False))  # the target: every guess right
+    for draft in drafts:
+        spec, _ = llama.generate(ids, 24, temperature=0, speculate=draft)
+        assert spec == alone, type(draft).__name__
+        assert draft.stats["accepted"] > 0
+    # rows accept different numbers of tokens per pass: the batch took fewer passes than its longest row's tokens
+    assert draft.stats["steps"] < 24 - 1
+    texts = llama.text_completion(BATCH, temperature=0, max_gen_len=24, speculate="lookup")
+    assert [t["generation"] for t in texts] == [fp32.tokenizer.decode_after(i, a) for i, a in zip(ids, alone)]
+
+
 def test_text_completion_chat_and_stream_take_speculate(fp32):
     kw = dict(temperature=0, max_gen_len=24)
     plain = fp32.text_completion(PROMPTS[:3], logprobs=True, **kw)
@@ -112,13 +135,16 @@ def tokenizers(tmp_path_factory):
 
 
 def test_rollback_at_the_end_of_the_cache(tokenizers):
-    target, state = tiny_llama(tokenizers[0])
-    draft, _ = tiny_llama(tokenizers[0], noise=0.3, base=state)
-    prompt = target.tokenizer.encode("the cat sat on the mat, " * 4, bos=True, eos=False)[:40]
-    plain, _ = target.generate([prompt], None, temperature=0, ignore_eos=True)
-    assert len(prompt) + len(plain[0]) == 64  # up to max_seq_len
+    # three rows of different lengths decode up to max_seq_len, each at its own position: the padding of shorter
+    # guesses and the rejected positions are overwritten before any query reads them
+    target, state = tiny_llama(tokenizers[0], max_batch_size=3)
+    draft, _ = tiny_llama(tokenizers[0], noise=0.3, base=state, max_batch_size=3)
+    text = target.tokenizer.encode("the cat sat on the mat, " * 4, bos=True, eos=False)
+    prompts = [text[:40], text[:29], text[:47]]
+    plain = [target.generate([p], None, temperature=0, ignore_eos=True)[0][0] for p in prompts]
+    assert all(len(p) + len(out) == 64 for p, out in zip(prompts, plain))  # up to max_seq_len
     for speculate in (S.PromptLookup(8, adaptive=False), S.DraftModel(draft, 5, adaptive=False)):
-        spec, _ = target.generate([prompt], None, temperature=0, ignore_eos=True, speculate=speculate)
+        spec, _ = target.generate(prompts, None, temperature=0, ignore_eos=True, speculate=speculate)
         assert spec == plain
         assert speculate.stats["drafted"] > speculate.stats["accepted"]  # some positions were rolled back
 
@@ -149,16 +175,20 @@ def test_a_quantized_target_still_drafts(tokenizers):
 def test_a_draft_trained_for_fewer_positions_drafts_within_them(tokenizers, tmp_path):
     # the command line loads the draft with the target's context (512 by default): a draft trained for fewer
     # positions was refused, quoting a max_seq_len the user never gave; now it drafts within its own context
+    from llama2_edu.checkpoint import load_checkpoint
     target, state = tiny_llama(tokenizers[0])  # 64 positions
     path = write_gguf(tmp_path / "draft.gguf", state, tiny_args(max_seq_len=32), tokenizers[0])
     draft = S.parse_speculate(str(path), 4, device="cpu", dtype=torch.float32, max_seq_len=64)
     assert draft.model.params.max_seq_len == 32
-    draft.adaptive = False  # as large as the target, it would not pay: draft 4 tokens at every step all the same
-    prompt = target.tokenizer.encode("the cat sat on the mat, " * 2, bos=True, eos=False)
-    plain, _ = target.generate([prompt], None, temperature=0, ignore_eos=True)
-    spec, _ = target.generate([prompt], None, temperature=0, ignore_eos=True, speculate=draft)
-    assert len(prompt) + len(plain[0]) == 64 and spec == plain  # beyond 32 positions, the target decodes alone
-    assert draft.stats["accepted"] > 0  # the draft is the target's weights: right while it drafts
+    text = target.tokenizer.encode("the cat sat on the mat, " * 2, bos=True, eos=False)
+    # and for a batch, whose rows leave the draft's context at different steps (its own 32 positions, 2 rows)
+    rows = PlainLlama(*load_checkpoint(str(path), device="cpu", dtype=torch.float32, max_batch_size=2))
+    for prompts, draft in (([text], draft), ([text, text[:9]], S.DraftModel(rows, 4))):
+        draft.adaptive = False  # as large as the target, it would not pay: draft 4 tokens at every step all the same
+        plain = [target.generate([p], None, temperature=0, ignore_eos=True)[0][0] for p in prompts]
+        spec, _ = target.generate(prompts, None, temperature=0, ignore_eos=True, speculate=draft)
+        assert len(text) + len(plain[0]) == 64 and spec == plain  # beyond 32 positions, the target decodes alone
+        assert draft.stats["accepted"] > 0  # the draft is the target's weights: right while it drafts
 
 
 @pytest.mark.parametrize("make, error, needle", [
@@ -192,10 +222,11 @@ def test_the_draft_length_walks_up_to_the_peak_of_the_gain():
     assert run.stdout.split() == [str(S.DraftLength(8, 0.09)())], run.stderr
 
 
-def test_a_batch_is_refused_in_one_line(tokenizers):
-    target, _ = tiny_llama(tokenizers[0])
-    with pytest.raises(S.InputError, match="one sequence at a time") as e:
-        target.generate([[1, 5, 6], [1, 7]], 4, temperature=0, speculate="lookup")
+def test_a_draft_model_smaller_than_the_batch_is_refused_in_one_line(tokenizers):
+    target, state = tiny_llama(tokenizers[0], max_batch_size=3)
+    draft, _ = tiny_llama(tokenizers[0], base=state)  # caches for 2 rows
+    with pytest.raises(S.InputError, match=r"holds 2 sequence.*has 3.*max_batch_size=3") as e:
+        target.generate([[1, 5, 6], [1, 7], [1, 8, 9, 10]], 4, temperature=0, speculate=draft)
     assert "\n" not in str(e.value)
 
 
@@ -223,26 +254,34 @@ def chi_square_p(counts, exact, n_samples):
 
 @pytest.mark.parametrize("kind", ["lookup", "draft model"])
 def test_sampled_speculation_keeps_the_target_distribution(tokenizers, kind):
-    target, state = tiny_llama(tokenizers[0])
-    prompt = target.tokenizer.encode("the cat sat on the mat, the cat sat on the", bos=True, eos=False)
+    # a batch of three prompts of different lengths: each row's three tokens against its own exact distribution
+    target, state = tiny_llama(tokenizers[0], max_batch_size=3)
+    text = target.tokenizer.encode("the cat sat on the mat, the cat sat on the", bos=True, eos=False)
+    prompts = [text, text[:5], text[:8]]
     n_tokens, temperature, top_k, n_samples = 3, 1.0, 4, 2000
-    exact = exact_distribution(target.model, prompt, n_tokens, temperature, top_k)
+    exact = [exact_distribution(target.model, p, n_tokens, temperature, top_k) for p in prompts]
     if kind == "lookup":
         draft = S.PromptLookup(4, adaptive=False)
     else:
-        draft = S.DraftModel(tiny_llama(tokenizers[0], noise=0.5, base=state)[0], 3, adaptive=False)
+        noisy = tiny_llama(tokenizers[0], noise=0.5, base=state, max_batch_size=3)[0]
+        draft = S.DraftModel(noisy, 3, adaptive=False)
     kw = dict(temperature=temperature, top_p=1.0, top_k=top_k, ignore_eos=True)
     g = 0
-    spec, plain = {}, {}
+    spec = [{} for _ in prompts]
     for i in range(n_samples):
-        out, _ = target.generate([prompt], n_tokens, seed=i, speculate=draft, **kw)
-        spec[tuple(out[0])] = spec.get(tuple(out[0]), 0) + 1
-        out, _ = target.generate([prompt], n_tokens, seed=i, **kw)
-        plain[tuple(out[0])] = plain.get(tuple(out[0]), 0) + 1
+        out, _ = target.generate(prompts, n_tokens, seed=i, speculate=draft, **kw)
+        for counts, row in zip(spec, out):
+            counts[tuple(row)] = counts.get(tuple(row), 0) + 1
         g += draft.stats["drafted"] - draft.stats["accepted"]
     assert g > 100  # many drafts were rejected: the rule was exercised
-    assert chi_square_p(plain, exact, n_samples) > FALSE_ALARM
-    assert chi_square_p(spec, exact, n_samples) > FALSE_ALARM
+    for counts, row_exact in zip(spec, exact):
+        assert chi_square_p(counts, row_exact, n_samples) > FALSE_ALARM
+    # plain sampling, for comparison, on the first prompt alone
+    plain = {}
+    for i in range(n_samples):
+        out, _ = target.generate(prompts[:1], n_tokens, seed=i, **kw)
+        plain[tuple(out[0])] = plain.get(tuple(out[0]), 0) + 1
+    assert chi_square_p(plain, exact[0], n_samples) > FALSE_ALARM
 
 
 def test_parse_speculate(tokenizers, tmp_path):

@@ -9,10 +9,12 @@ In Colab (Runtime -> Change runtime type -> a GPU), in a cell:
     !pip install -q -e llama2-edu
     !python llama2-edu/tools/gpu_check.py
 
-Nothing is downloaded: the model is built on the meta device with Llama 2 7B's
-hyper-parameters (chapter 2's LLAMA2_ARGS["7B"]), given storage on the GPU in fp16 and
-filled with random weights from a fixed seed, so every check rebuilds the same weights.
-The checks, one function each:
+Nothing is downloaded: the script writes random weights of Llama 2 7B's shapes
+(chapter 2's LLAMA2_ARGS["7B"]) as a Hugging Face checkpoint in a temporary folder
+(13.5 GB of fp16, written a layer at a time, with a tokenizer.model of 32,000 pieces),
+and every check loads it with the package's one `load` (chapter 13), as a user loads a
+model: the same weights each time, in the check's precision. The checks, one function
+each:
 
   fp16      the plain model in fp16: finite logits; they are the reference below
   bf16      the same weights in bf16 (GPUs of compute capability 8.0+ only)
@@ -25,7 +27,8 @@ Each prints one line, PASS, FAIL or SKIP, with what it verified, its greedy deco
 rate (batch 1, an 8-token prompt, 32 new tokens, prefill excluded) and its peak GPU
 memory.
 The exit status is 1 if any check failed. A 16 GB T4 holds every check it can run (fp16
-7B is 12.6 GiB); the whole run takes a few minutes.
+7B is 12.6 GiB); the whole run takes a few minutes, plus the time to write 13.5 GB and to
+read it once per check (from the page cache where the host's memory holds it).
 
 `--tiny --device cpu` runs the same code on the CPU with a tiny random model (gloo in
 place of NCCL, the CPU kernels in place of the CUDA ones, torch.compile's aot_eager
@@ -37,10 +40,12 @@ status 2.
 import argparse
 import dataclasses
 import gc
+import json
 import os
 import resource
 import socket
 import sys
+import tempfile
 import time
 import warnings
 import zlib
@@ -89,47 +94,61 @@ def model_args(tiny: bool, max_seq_len: int):
                                max_batch_size=1)
 
 
-@torch.no_grad()
-def fill_random(model, seed: int = SEED):
-    """Norm gains 1, every other weight N(0, 0.02), each from a generator seeded by its
-    name: the same weights on every call, sharded (world size 1) or not."""
-    device = next(model.parameters()).device
-    for name, w in model.named_parameters():
-        if name.endswith("norm.weight"):
-            w.fill_(1.0)
-        else:
-            g = torch.Generator(device).manual_seed(seed + zlib.crc32(name.encode()))
-            w.normal_(0.0, 0.02, generator=g)
-    return model
+def write_checkpoint(folder: Path, args, device, seed: int = SEED) -> Path:
+    """Random weights for `args` as a Hugging Face checkpoint in `folder`: fp16
+    safetensors, one file per layer (the host holds one layer at a time), config.json
+    and a tokenizer.model of args.vocab_size pieces. Norm gains 1, every other weight
+    N(0, 0.02) drawn on `device` from a generator seeded by its name."""
+    from safetensors.torch import save_file
 
-
-def build(args, device, dtype=torch.float16, shard=False):
-    """`Transformer(args)` on the meta device, storage on `device` in `dtype`, random
-    weights; `shard`: first cut as rank 0 of the current process group."""
-    from llama2_edu.quantize import use_heads_first_cache
-    from llama2_edu.model import Transformer
-    from llama2_edu.parallel import shard_model
+    from llama2_edu.checkpoint import HF_CONFIG_KEYS, HF_TO_META
+    from llama2_edu.model import Transformer, ffn_hidden_dim
+    from llama2_edu.support import (TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL,
+                                    TOKEN_UNKNOWN)
+    from llama2_edu.tokenizer import spm_model_proto
 
     with torch.device("meta"):
-        model = Transformer(args)
-        if shard:
-            import torch.distributed as dist
+        shapes = {name: w.shape for name, w in Transformer(args).state_dict().items()}
+    hf_names = {meta: hf for hf, meta in HF_TO_META.items()}
+    files = {}  # file -> its tensors' names: one file per layer, one for the rest
+    for name in shapes:
+        part = name.split(".")[1] if name.startswith("layers.") else "rest"
+        files.setdefault(f"model-{part}.safetensors", []).append(name)
+    for file, names in files.items():
+        tensors = {}
+        for name in names:
+            if name.endswith("norm.weight"):
+                w = torch.ones(shapes[name])
+            else:
+                g = torch.Generator(device).manual_seed(seed + zlib.crc32(name.encode()))
+                w = torch.empty(shapes[name], device=device)
+                w.normal_(0.0, 0.02, generator=g)
+            layer, _, rest = name.removeprefix("layers.").partition(".")
+            hf = (hf_names[f"layers.{{i}}.{rest}"].format(i=layer)
+                  if name.startswith("layers.") else hf_names[name])
+            tensors[hf] = w.to(torch.float16).cpu()
+        save_file(tensors, folder / file)
+    config = {key: getattr(args, field) for field, key in HF_CONFIG_KEYS.items()}
+    config.update(model_type="llama", intermediate_size=ffn_hidden_dim(args),
+                  max_position_embeddings=args.max_seq_len)
+    (folder / "config.json").write_text(json.dumps(config))
+    n = args.vocab_size - 3 - 256  # 3 special pieces, 256 bytes, n made-up words
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += [f"w{i}" for i in range(n)]
+    types = [TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_CONTROL] + [TOKEN_BYTE] * 256
+    proto = spm_model_proto(pieces, [0.0] * len(pieces), types + [TOKEN_NORMAL] * n)
+    (folder / "tokenizer.model").write_bytes(proto.SerializeToString())
+    return folder
 
-            model = shard_model(model, dist.get_rank(), dist.get_world_size())
-    model = fill_random(model.to(dtype).to_empty(device=device))
-    # load()'s cache: attention's layout, fp32 on the CPU (chapter 10)
-    return use_heads_first_cache(model, torch.float32 if device.type == "cpu" else None)
 
+def load_model(ctx, dtype=torch.float16, quantize=None):
+    """The random checkpoint in `dtype`, quantized by `quantize`: built by llama2_edu's
+    `load`, the one function that builds a model (with its KV cache in attention's
+    layout, in fp32 on the CPU)."""
+    from llama2_edu.program import load
 
-class RandomTokens:
-    "What Llama.generate asks of a tokenizer, for a model without one."
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size, self.eos_id = vocab_size, -1  # no id is EOS
-
-    def check_ids(self, ids):
-        assert all(0 <= i < self.vocab_size for i in ids), "token id out of range"
-        return list(ids)
+    return load(ctx["ckpt"], device=ctx["device"], dtype=dtype, quantize=quantize,
+                max_seq_len=ctx["args"].max_seq_len, max_batch_size=1)
 
 
 def prompt_ids(args):
@@ -140,6 +159,7 @@ def prompt_ids(args):
 # ---------------------------------------------------------------- measuring
 
 
+@torch.inference_mode()
 def logits_of(model, ids, device):
     "The prefill's logits (1, PROMPT_LEN, vocab_size), fp32."
     return model.forward(torch.tensor([ids], device=device), 0)
@@ -154,13 +174,12 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def decode_rate(model, ids, n_tokens) -> float:
+def decode_rate(llama, ids, n_tokens) -> float:
     """Tokens/s of greedy decoding with Llama.generate, batch 1, the prefill excluded:
     chapter 14's decode_rate (a warm-up run pays for allocation and compilation)."""
-    from llama2_edu.generation import Llama
     from llama2_edu.llama2_7b import decode_rate as rate
 
-    return rate(Llama(model, RandomTokens(model.params.vocab_size)), ids, n_tokens)
+    return rate(llama, ids, n_tokens)
 
 
 def reset_peak(device):
@@ -202,41 +221,34 @@ class Skip(Exception):
 
 
 def check_fp16(ctx):
-    model = build(ctx["args"], ctx["device"], torch.float16)
-    ref = logits_of(model, ctx["ids"], ctx["device"])
+    llama = load_model(ctx, torch.float16)
+    ref = logits_of(llama.model, ctx["ids"], ctx["device"])
     ok = bool(torch.isfinite(ref).all())
     ctx["reference"] = ref  # the other checks compare with these logits
-    rate = decode_rate(model, ctx["ids"], ctx["tokens"])
+    rate = decode_rate(llama, ctx["ids"], ctx["tokens"])
     return ok, "logits finite" if ok else "non-finite logits", rate
 
 
 def check_bf16(ctx):
     if not bf16_ok(ctx["device"]):
         raise Skip("no bf16 on this GPU (compute capability < 8.0)")
-    model = build(ctx["args"], ctx["device"]).to(torch.bfloat16)  # the fp16 weights
-    ok, what = close("bf16", logits_of(model, ctx["ids"], ctx["device"]),
+    llama = load_model(ctx, torch.bfloat16)  # the fp16 weights, cast
+    ok, what = close("bf16", logits_of(llama.model, ctx["ids"], ctx["device"]),
                      ctx["reference"])
-    return ok, what, decode_rate(model, ctx["ids"], ctx["tokens"])
-
-
-def quantized(ctx, mode, dtype):
-    from llama2_edu.quantize import quantize_model
-
-    model = build(ctx["args"], ctx["device"])
-    return quantize_model(model, mode, dtype=dtype)  # in place, layer by layer
+    return ok, what, decode_rate(llama, ctx["ids"], ctx["tokens"])
 
 
 def check_int8(ctx):
     from llama2_edu.quantize import Int8Linear
 
     dtype = half(ctx["device"])
-    model = quantized(ctx, "int8", dtype)
-    layer = model.layers[0].attention.wq
+    llama = load_model(ctx, dtype, quantize="int8")
+    layer = llama.model.layers[0].attention.wq
     assert isinstance(layer, Int8Linear)
     path = "_weight_int8pack_mm" if layer.on_cpu else "forward_fused"
-    ok, what = close("int8", logits_of(model, ctx["ids"], ctx["device"]),
+    ok, what = close("int8", logits_of(llama.model, ctx["ids"], ctx["device"]),
                      ctx["reference"])
-    rate = decode_rate(model, ctx["ids"], ctx["tokens"])
+    rate = decode_rate(llama, ctx["ids"], ctx["tokens"])
     return ok, f"{path} {'bf16' if dtype == torch.bfloat16 else 'fp16'}, {what}", rate
 
 
@@ -245,15 +257,16 @@ def check_int4(ctx):
 
     if not bf16_ok(ctx["device"]):
         raise Skip("CUDA's int4 kernel needs bf16 (load() uses int8 here)")
-    model = quantized(ctx, "int4", torch.bfloat16)
-    layer = model.layers[0].feed_forward.w2
+    llama = load_model(ctx, torch.bfloat16, quantize="int4")
+    layer = llama.model.layers[0].feed_forward.w2
     assert isinstance(layer, Int4Linear)
-    ok, what = close("int4", logits_of(model, ctx["ids"], ctx["device"]),
+    ok, what = close("int4", logits_of(llama.model, ctx["ids"], ctx["device"]),
                      ctx["reference"])
-    rate = decode_rate(model, ctx["ids"], ctx["tokens"])
+    rate = decode_rate(llama, ctx["ids"], ctx["tokens"])
     return ok, f"{layer.mm.__name__}, {what}", rate
 
 
+@torch.inference_mode()
 def check_compile(ctx):
     """The decoding step's logits, eager and compiled, after the same prefill; then the
     compiled decoding rate (its warm-up run pays for the compilation, timed apart)."""
@@ -262,7 +275,8 @@ def check_compile(ctx):
     # RoPE's complex arithmetic stays in eager kernels (chapter 10 says why)
     warnings.filterwarnings("ignore", "Torchinductor does not support code generation")
     device, ids = ctx["device"], ctx["ids"]
-    model = build(ctx["args"], device, half(device))
+    llama = load_model(ctx, half(device))
+    model = llama.model
     prompt = torch.tensor([ids], device=device)
     step = lambda: model.forward(prompt[:, -1:], PROMPT_LEN - 1)
     model.forward(prompt[:, :-1], 0)
@@ -279,7 +293,7 @@ def check_compile(ctx):
     verdict = "<" if ok else ">="
     what = f"{ctx['backend']} {seconds:.0f} s, error {err:.3g} {verdict} {tol:g}"
     try:
-        return ok, what, decode_rate(model, ids, ctx["tokens"])
+        return ok, what, decode_rate(llama, ids, ctx["tokens"])
     finally:
         torch._dynamo.reset()  # the compiled code lets go of the model's weights
 
@@ -292,8 +306,8 @@ def free_port() -> int:
 
 def check_parallel(ctx):
     """init_parallel (NCCL on a GPU, gloo on the CPU) in a world of one process, a
-    tcp://127.0.0.1 rendezvous; an all-reduce; then the sharded model, whose logits
-    must be the plain model's."""
+    tcp://127.0.0.1 rendezvous; an all-reduce; then the sharded model, which `load`
+    builds in a process group, and whose logits must be the plain model's."""
     import torch.distributed as dist
     from llama2_edu.parallel import init_parallel
 
@@ -304,11 +318,14 @@ def check_parallel(ctx):
     x = torch.arange(4, dtype=torch.float32, device=device)
     dist.all_reduce(x)  # a sum over one rank: x itself
     reduced = x.tolist() == [0.0, 1.0, 2.0, 3.0]
-    model = build(ctx["args"], device, torch.float16, shard=True)
-    ok, what = close("parallel", logits_of(model, ctx["ids"], device), ctx["reference"])
-    rate = decode_rate(model, ctx["ids"], ctx["tokens"])
+    llama = load_model(ctx, torch.float16)
+    sharded = bool(llama.model.layers[0].attention._forward_hooks)  # its all-reduce
+    ok, what = close("parallel", logits_of(llama.model, ctx["ids"], device),
+                     ctx["reference"])
+    rate = decode_rate(llama, ctx["ids"], ctx["tokens"])
     what = f"{dist.get_backend()}, all-reduce {'ok' if reduced else 'wrong'}, {what}"
-    return ok and reduced, what, rate
+    what = what if sharded else f"load() did not shard, {what}"
+    return ok and reduced and sharded, what, rate
 
 
 # ---------------------------------------------------------------- the run
@@ -368,18 +385,23 @@ def main(argv=None) -> int:
     backend = opts.compile_backend or (
         "inductor" if device.type == "cuda" else "aot_eager"
     )
-    ctx = dict(args=args, device=device, ids=prompt_ids(args), tokens=opts.tokens,
-               backend=backend)
     names = [n for n in CHECKS if not opts.only or n in opts.only]
     if "fp16" not in names:
         names.insert(0, "fp16")  # the reference the others compare with
     results = []
-    for name in names:
-        if name != "fp16" and "reference" not in ctx:
-            print(f"FAIL {name}: no fp16 reference logits", flush=True)
-            results.append(False)
-            continue
-        results.append(run_check(name, ctx))
+    with tempfile.TemporaryDirectory(prefix="gpu_check-") as folder:
+        start = time.perf_counter()
+        ckpt = write_checkpoint(Path(folder), args, device)
+        print(f"checkpoint written in {time.perf_counter() - start:.0f} s: every check "
+              "loads it with load()", flush=True)
+        ctx = dict(args=args, device=device, ids=prompt_ids(args), tokens=opts.tokens,
+                   backend=backend, ckpt=ckpt)
+        for name in names:
+            if name != "fp16" and "reference" not in ctx:
+                print(f"FAIL {name}: no fp16 reference logits", flush=True)
+                results.append(False)
+                continue
+            results.append(run_check(name, ctx))
     failed = results.count(False)
     print(f"{len(results) - failed} of {len(results)} checks passed or skipped")
     return 1 if failed else 0

@@ -7,6 +7,7 @@
     python benchmarks/decode.py --only fusion                    # separate vs fused wq|wk|wv and w1|w3
     python benchmarks/decode.py --only kv                        # bf16 vs fp32 keys and values on the CPU
     python benchmarks/decode.py --only overhead                  # a step without its matrix products
+    python benchmarks/decode.py --only ragged                    # a long prompt alone and beside a short one
 
 llama-bench: build it as benchmarks/speculate.py's docstring shows (llama.cpp from the llama-cpp-python sdist).
 
@@ -89,7 +90,7 @@ class Transformers:
         self.name, self.precision, self.compiled = f"transformers generate", str(dtype).replace("torch.", ""), False
         self.precision = {"float32": "fp32", "bfloat16": "bf16"}[self.precision]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def run(self, ids, n):
         x = torch.tensor([ids])
         kw = dict(attention_mask=torch.ones_like(x), do_sample=False, pad_token_id=0)
@@ -112,7 +113,7 @@ def llama_bench(path, threads, n_prompt, n_gen):
 
 # --- the other measurements -----------------------------------------------------------------------------------
 
-@torch.inference_mode()
+@torch.no_grad()  # as generate runs (chapter 10: a compiled step takes no inference tensors)
 def accuracy(reference: Llama, llama: Llama):
     "Top-1 agreement and mean KL(reference || llama) of the next-token distributions over TEXT."
     tokens = torch.tensor([reference.encode_prompt(TEXT)])
@@ -122,7 +123,7 @@ def accuracy(reference: Llama, llama: Llama):
                 kl=(p.exp() * (p - q)).sum(-1).mean().item(), positions=tokens.shape[1])
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def hf_accuracy(reference: Llama, hf_model):
     tokens = torch.tensor([reference.encode_prompt(TEXT)])
     p = torch.log_softmax(reference.model.forward(tokens, 0)[0], -1)
@@ -131,7 +132,7 @@ def hf_accuracy(reference: Llama, hf_model):
                 kl=(p.exp() * (p - q)).sum(-1).mean().item(), positions=tokens.shape[1])
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def context_sweep(llama: Llama, contexts, runs):
     "Seconds per decoded token at each context length: with the KV cache (one position) and without (all of them)."
     model, out = llama.model, {"context": contexts, "with_cache": [], "without_cache": []}
@@ -151,7 +152,7 @@ def context_sweep(llama: Llama, contexts, runs):
     return out
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def profile(llama: Llama, ids, steps=8, top=8):
     "Share of a decoding step's CPU time per operator (self time), from torch.profiler."
     from torch.profiler import profile as torch_profile
@@ -195,7 +196,7 @@ def long_context(llama: Llama, context: int) -> torch.Tensor:
     return torch.tensor([llama.encode_prompt((TEXT + " ") * 4)[:context]])
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def decode_rate_after(model, tokens, gen: int) -> float:
     "Tokens per second of `gen` decoding steps after a prefill of `tokens` (the prefill is not timed)."
     model.forward(tokens, 0, last_only=True)
@@ -210,11 +211,11 @@ def kv_dtype(a, context=400, calls=200):
     """One layer's attention call at decoding shape, bf16 vs fp32, and the default model's decode rate after a
     `context`-token prompt with a bf16 and with an fp32 cache, interleaved."""
     from llama2_edu.attention import attention
-    from llama2_edu.quantize import use_heads_first_cache
+    from llama2_edu.levers import use_heads_first_cache
     llama = load(device="cpu")
     args = llama.args
     out = dict(context=context, runs=a.runs)
-    with torch.inference_mode():
+    with torch.no_grad():
         for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
             q = torch.randn(1, args.n_heads, 1, args.head_dim).to(torch.bfloat16)
             k, v = (torch.randn(1, args.n_kv_heads, context, args.head_dim, dtype=dtype) for _ in "kv")
@@ -229,7 +230,25 @@ def kv_dtype(a, context=400, calls=200):
     return dict(out, **{f"{k}_decode_tok_s": v for k, v in rates.items()})
 
 
-@torch.inference_mode()
+@torch.no_grad()
+def ragged(fast: Llama, runs: int) -> dict:
+    """A 390-token prompt alone, and beside a 5-token one (one padded prefill, then a position per row); the
+    prefill's logits for every position against the last one only."""
+    long_ids = fast.encode_prompt((TEXT + " ") * 3)[:390]
+    short_ids = fast.encode_prompt("Hello, my name is")
+    n = 16
+    alone = time_it(lambda: fast.generate([long_ids], max_gen_len=n, temperature=0, ignore_eos=True), runs)
+    mixed = time_it(lambda: fast.generate([short_ids, long_ids], max_gen_len=n, temperature=0, ignore_eos=True),
+                    runs)
+    prompt = torch.tensor([long_ids])
+    with torch.no_grad():
+        last = time_it(lambda: fast.model.forward(prompt, 0, last_only=True), runs)
+        every = time_it(lambda: fast.model.forward(prompt, 0), runs)
+    return dict(ragged=dict(long_tokens=len(long_ids), short_tokens=len(short_ids), gen_tokens=n,
+                            long_alone_s=alone, mixed_batch_s=mixed),
+                prefill_logits=dict(tokens=len(long_ids), last_only_s=last, all_positions_s=every))
+
+
 def time_it(fn, runs):
     fn()
     times = []
@@ -247,7 +266,7 @@ def main(argv=None):
     p.add_argument("--gen", type=int, default=64, help="tokens to decode per run")
     p.add_argument("--llama-bench", metavar="PATH", default=None, help="llama.cpp's llama-bench binary")
     p.add_argument("--out", type=Path, default=ROOT.parent / "llama2_edu" / "results")
-    p.add_argument("--only", choices=["fusion", "kv", "compile", "layout", "overhead", "llama-bench"], default=None,
+    p.add_argument("--only", choices=["fusion", "kv", "compile", "layout", "overhead", "ragged", "llama-bench"], default=None,
                    help="measure only this, and add it to an existing decode.json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -301,16 +320,6 @@ def main(argv=None):
     sweep = {"fp32": context_sweep(plain, contexts, a.runs), "default": context_sweep(fast, contexts, a.runs)}
     prof = {"fp32": profile(plain, ids), "Q4_1 file (int4 + int8 head)": profile(fast, ids)}
 
-    long_ids = fast.encode_prompt((TEXT + " ") * 3)[:390]
-    short_ids = fast.encode_prompt("Hello, my name is")
-    n = 16
-    alone = time_it(lambda: fast.generate([long_ids], max_gen_len=n, temperature=0, ignore_eos=True), a.runs)
-    mixed = time_it(lambda: fast.generate([short_ids, long_ids], max_gen_len=n, temperature=0, ignore_eos=True),
-                    a.runs)
-    prompt = torch.tensor([long_ids])
-    last = time_it(lambda: fast.model.forward(prompt, 0, last_only=True), a.runs)
-    every = time_it(lambda: fast.model.forward(prompt, 0), a.runs)
-
     results = dict(
         machine=dict(cpu=cpu_name(), threads=a.threads, torch=torch.__version__, python=platform.python_version(),
                      read_bandwidth_gbs=read_bandwidth_gbs()),
@@ -318,9 +327,7 @@ def main(argv=None):
             a.llama_bench or "\0", "path/to/llama-bench"),  # where the binary lies on this machine says nothing
         prompt_tokens=len(ids), gen_tokens=a.gen, runs=a.runs,
         contenders=rows, accuracy=acc, context_sweep=sweep, profile=prof,
-        ragged=dict(long_tokens=len(long_ids), short_tokens=len(short_ids), gen_tokens=n,
-                    long_alone_s=alone, mixed_batch_s=mixed),
-        prefill_logits=dict(tokens=len(long_ids), last_only_s=last, all_positions_s=every),
+        **ragged(fast, a.runs),
     )
     (a.out / "decode.json").write_text(json.dumps(results, indent=1) + "\n")
     for row in rows:
@@ -331,14 +338,15 @@ def main(argv=None):
     plot(results, a.out)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def step_accuracy(reference: Llama, llama: Llama, prompt_len=8, steps=64):
     "Top-1 agreement and mean KL of the next-token distributions of `steps` decoding steps over TEXT (teacher forcing)."
     tokens = torch.tensor([reference.encode_prompt(TEXT)[:prompt_len + steps]])
     logp = []
-    for model in (reference.model, llama.model):
+    for each in (reference, llama):  # each through its own step function: eager, or compiled
+        model, step = each.model, each.decode_one_token
         model.forward(tokens[:, :prompt_len], 0, last_only=True)
-        steps_logits = [model.forward(tokens[:, i:i + 1], i)[0, -1] for i in range(prompt_len, tokens.shape[1])]
+        steps_logits = [step(model, tokens[:, i:i + 1], i)[0] for i in range(prompt_len, tokens.shape[1])]
         logp.append(torch.log_softmax(torch.stack(steps_logits), -1))
     p, q = logp
     return dict(top1_agreement=(p.argmax(-1) == q.argmax(-1)).float().mean().item(),
@@ -378,11 +386,11 @@ def cache_layout(a, context=400):
                 **{f"{name}_decode_tok_s_at_context": v for name, v in at_context.items()})
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def step_overhead(a, steps=20):
     """Seconds per decoding step of the default model as it is, with its int4 layers' matrix products replaced by a
     ready-made output, and with the head's as well (interleaved): what is left is the cost of everything else."""
-    from llama2_edu.quantize import Int4Linear
+    from llama2_edu.levers import Int4Linear
     llama = load(device="cpu")
     model, head = llama.model, llama.model.output
     ids = llama.encode_prompt(PROMPT)
@@ -425,6 +433,8 @@ def add_to_results(a):
         results["cache_layout"] = cache_layout(a)
     elif a.only == "overhead":
         results["overhead"] = step_overhead(a)
+    elif a.only == "ragged":
+        results.update(ragged(load(device="cpu"), a.runs))
     else:  # llama.cpp interleaved with our default path, same prompt length and token count
         if not a.llama_bench:
             raise SystemExit("--only llama-bench needs --llama-bench PATH")

@@ -160,11 +160,11 @@ def replay(draft, prompt, gen):
     tokens, pos, passes = prompt + gen[:1], 1, 1
     while pos < len(gen):
         k = min(draft.length(), len(gen) - pos - 1)
-        guess = draft.propose(tokens, k)[0][:k]
+        guess = draft.propose([tokens], [k])[0][0][:k]  # a batch of one row
         n = 0
         while n < len(guess) and guess[n] == gen[pos + n]:
             n += 1
-        draft.update(tokens, len(guess), n)
+        draft.record([tokens], [len(guess)], [n])
         tokens += gen[pos:pos + n + 1]
         pos, passes = pos + n + 1, passes + 1
     return len(gen) / passes

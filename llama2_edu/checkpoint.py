@@ -60,7 +60,7 @@ def _assign(model: Transformer, tensors, device, dtype, source) -> Transformer:
         state_dict[name] = check_values(name, w.to(device=device, dtype=dtype), source)
     check_complete(expected, state_dict, source)
     model.load_state_dict(state_dict, assign=True)  # now the parameters: no copy
-    return model.requires_grad_(False).eval()
+    return model.to(device).eval()  # moves what is not a parameter: RoPE's table
 
 
 def build_model(args: ModelArgs, tensors, device, dtype, source, cut=None):

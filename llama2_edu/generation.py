@@ -21,9 +21,9 @@ from .tokenizer import Tokenizer
 
 # %% auto #0
 __all__ = ['Role', 'Dialog', 'B_INST', 'E_INST', 'B_SYS', 'E_SYS', 'SPECIAL_TAGS', 'UNSAFE_ERROR', 'top_p_probs', 'sample_top_p',
-           'top_k_logits', 'is_greedy', 'sampling_probs', 'sample_next', 'batch_layout', 'prefill', 'decode_steps',
-           'Message', 'CompletionPrediction', 'ChatPrediction', 'llama2_chat_tokens', 'dialog_tokens', 'has_markup',
-           'predictions', 'Llama', 'stream_text']
+           'top_k_logits', 'is_greedy', 'sampling_probs', 'sample_next', 'batch_layout', 'prefill', 'logprob_of',
+           'decode_one_token', 'decode_steps', 'Message', 'CompletionPrediction', 'ChatPrediction',
+           'llama2_chat_tokens', 'dialog_tokens', 'has_markup', 'predictions', 'Llama', 'stream_text']
 
 # %% ../notebooks/09_generation.ipynb #b5b6c304
 def top_p_probs(probs: torch.Tensor, p) -> torch.Tensor:
@@ -126,19 +126,34 @@ def prefill(model: Transformer, tokens, prompt_lens, all_logits=False):
     return logits[rows, prompt_lens - 1], (logits if all_logits else None)
 
 
+def logprob_of(logits, tokens) -> torch.Tensor:
+    "log p(token) for each token (...,) under its logits (..., vocab_size)."
+    flat = -F.cross_entropy(logits.flatten(0, -2), tokens.flatten(), reduction="none")
+    return flat.view(tokens.shape)
+
+
+def decode_one_token(model: Transformer, tokens, start_pos) -> torch.Tensor:
+    """One decoding step, the function the loop calls and chapter 10 may compile:
+    logits (bsz, vocab_size) for one new token per row (bsz, 1) at `start_pos`."""
+    return model.forward(tokens, start_pos)[:, -1]
+
+
 def decode_steps(
     model: Transformer, tokens, prompt_lens, ends, logits, eos_id: int, temperature,
-    top_p, top_k, generator, ignore_eos=False,
+    top_p, top_k, generator, ignore_eos=False, step=decode_one_token,
 ):  # fmt: skip
     """The loop after the prefill, whose `logits` (bsz, vocab_size) give each row's
     next token: row b writes one token a step into `tokens`, at prompt_lens[b] + step,
     until ends[b] or `eos_id` (unless `ignore_eos`). Yields `(pos, live, logits)`:
-    where each row wrote (bsz,), which rows wrote a token, the logits it came from."""
+    where each row wrote (bsz,), which rows wrote a token, the logits it came from.
+    `step` computes the next logits (`decode_one_token`, or chapter 10's compiled)."""
     rows = torch.arange(len(tokens), device=tokens.device)
     done = prompt_lens >= ends  # (bsz,): no room to generate
-    for step in range(int((ends - prompt_lens).max())):
+    lens_host, ends_host = prompt_lens.tolist(), ends.tolist()
+    for i in range(max(e - n for n, e in zip(lens_host, ends_host))):
         # (bsz,): a finished row stays at its last position, and keeps its token
-        pos = torch.minimum(prompt_lens + step, ends - 1)
+        pos = torch.minimum(prompt_lens + i, ends - 1)
+        pos_host = [min(n + i, end - 1) for n, end in zip(lens_host, ends_host)]
         next_token = sample_next(logits, temperature, top_p, top_k, generator)
         next_token = torch.where(done, tokens[rows, pos], next_token)
         tokens[rows, pos] = next_token
@@ -148,8 +163,10 @@ def decode_steps(
             done |= next_token == eos_id
         if bool(done.all()):
             return
-        # (bsz, vocab_size): each row's new token, at its own position
-        logits = model.forward(next_token[:, None], pos)[:, -1]
+        # (bsz, vocab_size): each row's new token at its own position; one int when
+        # all rows share it (known on the host: no wait for the GPU)
+        at = pos_host[0] if len(set(pos_host)) == 1 else pos
+        logits = step(model, next_token[:, None], at)
 
 # %% ../notebooks/09_generation.ipynb #9d5d235c
 Role = Literal["system", "user", "assistant"]
@@ -271,6 +288,7 @@ class Llama:
         self.model, self.tokenizer = model, tokenizer
         self.seed = None if seed is None else check_seed(seed)
         self.generator = None  # made on the model's device on first use, if seeded
+        self.decode_one_token = decode_one_token  # the loop's step (chapter 10 compiles)
 
     @property
     def args(self) -> ModelArgs:
@@ -280,7 +298,9 @@ class Llama:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: chapter 10's compiled step takes the loop's tensors,
+    # and a compiled graph cannot take inference tensors
+    @torch.no_grad()
     def generate(
         self, prompt_tokens: List[List[int]], max_gen_len: int,
         temperature: float = 0.6, top_p: float = 0.9, logprobs: bool = False,
@@ -300,16 +320,14 @@ class Llama:
         token_logprobs = torch.zeros_like(tokens, dtype=torch.float)
         if logprobs:  # log p(token | the tokens before it); the first token's: 0
             n = all_logits.shape[1]
-            token_logprobs[:, 1:n] = -F.cross_entropy(
-                all_logits[:, :-1].transpose(1, 2), tokens[:, 1:n], reduction="none"
-            )
+            token_logprobs[:, 1:n] = logprob_of(all_logits[:, :-1], tokens[:, 1:n])
         rows = torch.arange(len(tokens), device=tokens.device)
         for pos, live, logits in decode_steps(
             self.model, tokens, prompt_lens, ends, logits, eos_id, temperature, top_p,
-            top_k, self._generator(seed), ignore_eos,
+            top_k, self._generator(seed), ignore_eos, self.decode_one_token,
         ):  # fmt: skip
             if logprobs:  # the new tokens' (over a shorter prompt's padding)
-                score = -F.cross_entropy(logits, tokens[rows, pos], reduction="none")
+                score = logprob_of(logits, tokens[rows, pos])
                 token_logprobs[rows[live], pos[live]] = score[live]
 
         out_tokens, out_logprobs = [], []
@@ -359,7 +377,7 @@ class Llama:
             unsafe=[self.is_unsafe(dialog) for dialog in dialogs],
         )  # fmt: skip
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate_stream(
         self, prompt_tokens: List[int], max_gen_len: int, temperature: float = 0.6,
         top_p: float = 0.9, *, top_k: Optional[int] = None, seed: Optional[int] = None,
@@ -375,7 +393,7 @@ class Llama:
         logits, _ = prefill(self.model, tokens, prompt_lens)
         for pos, _, _ in decode_steps(
             self.model, tokens, prompt_lens, ends, logits, eos_id, temperature, top_p,
-            top_k, self._generator(seed),
+            top_k, self._generator(seed), step=self.decode_one_token,
         ):  # fmt: skip
             token = tokens[0, pos[0]].item()
             if token == eos_id:

@@ -56,6 +56,8 @@ class KVCache:
             self.cache_k is None
             or self.cache_k.device != xk.device
             or self.cache_k.dtype != dtype
+            # left by a call under torch.inference_mode: not writable outside it
+            or self.cache_k.is_inference() and not torch.is_inference_mode_enabled()
         ):
             self.allocate(dtype, xk.device)
         if torch.is_tensor(start_pos):  # row b at start_pos[b] .. + seqlen - 1
@@ -77,11 +79,6 @@ class KVCache:
         self.cache_k = torch.zeros(self.shape, device=device, dtype=dtype)
         self.cache_v = torch.zeros(self.shape, device=device, dtype=dtype)
 
-    def copy_row(self, src: int, dst: int, length: int):
-        """Copy sequence `src`'s keys and values at positions 0 .. length - 1 to row
-        `dst` (the prompt-by-prompt prefill of chapter 9)."""
-        self.cache_k[dst, :length] = self.cache_k[src, :length]
-        self.cache_v[dst, :length] = self.cache_v[src, :length]
 
 # %% ../notebooks/06_kv_cache.ipynb #5f58cd03
 def kv_cache_bytes(args: ModelArgs, bytes_per_value: int = 2) -> int:

@@ -82,6 +82,9 @@ class Transformer(nn.Module):
                 params.dim // params.n_heads, params.max_seq_len * 2, params.rope_theta
             )
         self.setup_caches()
+        # this book only runs the model: no parameter needs a gradient, and the caller
+        # picks the mode (torch.no_grad() in chapter 9's loop)
+        self.requires_grad_(False)
 
     def _apply(self, fn, recurse=True):
         # model.to(device), .cuda(): the RoPE table (a complex tensor, not a parameter)
@@ -107,16 +110,13 @@ class Transformer(nn.Module):
                 dtype,
             )
 
-    @torch.inference_mode()
     def forward(
-        self, tokens: torch.Tensor, start_pos, *, pad=None, last_only: bool = False
+        self, tokens: torch.Tensor, start_pos, *, last_only: bool = False
     ) -> torch.Tensor:
         """Logits (bsz, seqlen, vocab_size) in fp32 for tokens (bsz, seqlen) at
         positions start_pos..; fills the KV cache. `start_pos`: an int, Meta's, or a
-        LongTensor (bsz,) of each sequence's own first position.
-        Generation's options (chapter 9): `pad` (bsz, start_pos + seqlen), True at
-        left-padding positions, which no other position attends to; `last_only`: the
-        logits of the last position only, (bsz, 1, vocab_size).
+        LongTensor (bsz,) of each sequence's own first position. `last_only`: the
+        logits of the last position only, (bsz, 1, vocab_size), as generation needs.
         """
         bsz, seqlen = tokens.shape
         per_row = torch.is_tensor(start_pos)
@@ -127,8 +127,6 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         rope = self.freqs_cis.to(h.device)  # no copy once the model is on its device
         if per_row:  # each row at its own positions: (bsz, seqlen, head_dim // 2)
-            if pad is not None:
-                raise ValueError("pad= goes with one start_pos for the whole batch")
             start_pos = start_pos.to(h.device)
             positions = start_pos[:, None] + torch.arange(seqlen, device=h.device)
             freqs_cis = rope[positions]
@@ -140,16 +138,6 @@ class Transformer(nn.Module):
                 if seqlen > 1 and start_pos > 0
                 else None
             )
-        # a padding position sees only itself, a real one every real position up to it
-        if pad is not None:
-            own = (
-                torch.arange(start_pos + seqlen, device=h.device)
-                == torch.arange(start_pos, start_pos + seqlen, device=h.device)[:, None]
-            )
-            # (bsz, seqlen, cache_len)
-            mask = (causal_mask(seqlen, start_pos, h.device) & ~pad[:, None, :]) | own
-            # (bsz, 1, seqlen, cache_len): every head
-            mask = mask[:, None]
         for layer in self.layers:
             # (bsz, seqlen, dim)
             h = layer(h, start_pos, freqs_cis, mask)

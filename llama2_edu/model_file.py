@@ -20,6 +20,7 @@ from llama2_edu.support import (
     CheckpointError,
     ConfigError,
     DownloadError,
+    GGUF_MAGIC,
     InputError,
     InputTypeError,
     Llama2EduError,
@@ -82,7 +83,7 @@ def gguf_header(path) -> tuple:
 
 
 def _parse_header(m, path) -> tuple:
-    if m[:4] != b"GGUF":
+    if m[:4] != GGUF_MAGIC:
         raise ValueError("no GGUF magic")
     # version 3 reads 3 in the file's byte order: little-endian, or big-endian
     order = "<" if struct.unpack_from("<I", m, 4)[0] & 0xFFFF else ">"

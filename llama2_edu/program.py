@@ -15,7 +15,7 @@ from .checkpoint import (DEFAULT_MAX_BATCH_SIZE, check_device, check_sizes,
                                    load_checkpoint)
 from .generation import check_sampling, check_seed, env_int, world_size
 from .parallel import init_parallel, load_sharded
-from .quantize import apply_levers, load_plan
+from .levers import apply_levers, compile_decoding, load_plan
 from .speculative import parse_speculate
 from .support import (  # the appendix: the command line's input handling
     MAX_PROMPT_BYTES, InputError, OneLineParser, check_options, check_parallel,
@@ -59,8 +59,9 @@ def load(
         model, tokenizer = load_checkpoint(
             source, tokenizer_path=tokenizer_path, device=device, dtype=dtype, **sizes
         )
-    apply_levers(model, mode, reader, dtype, fuse=fuse, compile=compile)
-    return Llama(model, tokenizer, seed=seed)
+    apply_levers(model, mode, reader, dtype, fuse=fuse)
+    llama = Llama(model, tokenizer, seed=seed)
+    return compile_decoding(llama) if compile else llama
 
 
 class Llama(speculative.Llama):
@@ -349,7 +350,7 @@ def fetch_tokenizer_main(argv) -> int:
 def levers(args) -> dict:
     """The options that decide how a model is built, as `load`'s arguments: the same
     for the model and for a `--speculate` draft."""
-    import torch  # imported only now, so that --help is instant
+    import torch
 
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     quantize = None if args.quantize == "none" else args.quantize

@@ -83,7 +83,7 @@ class DraftLength:
             k += 1
         return k
 
-    def update(self, drafted: int, accepted: int):
+    def record(self, drafted: int, accepted: int):
         "One step: `accepted` of `drafted` tokens kept; each verdict decays the counts."
         if not drafted:  # no verdict: the counts fade slowly
             self.accepted *= self.idle_decay
@@ -96,7 +96,7 @@ class DraftLength:
 class Draft:
     """A draft, for a batch of rows: `reset(bsz)`; `propose(rows, ks, ...) -> (ids, q)`,
     at most ks[b] ids continuing rows[b], and their distributions (bsz, k, vocab_size)
-    or None; `length(b)`, how many to ask row b for; `update(rows, drafted, accepted)`.
+    or None; `length(b)`, how many to ask row b for; `record(rows, drafted, accepted)`.
     `stats` counts verifying passes, drafted and accepted tokens since `reset()`."""
 
     def __init__(self, n_draft: int, adaptive: bool, cost: float):
@@ -111,12 +111,12 @@ class Draft:
     def length(self, row: int = 0) -> int:
         return self.lengths[row]() if self.adaptive else self.n_draft
 
-    def update(self, rows, drafted: List[int], accepted: List[int]):
+    def record(self, rows, drafted: List[int], accepted: List[int]):
         self.stats["steps"] += 1
         self.stats["drafted"] += sum(drafted)
         self.stats["accepted"] += sum(accepted)
         for lengths, d, a in zip(self.lengths, drafted, accepted):
-            lengths.update(d, a)
+            lengths.record(d, a)
 
 # %% ../notebooks/11_more_than_one_token.ipynb #c1c1820c
 class PromptLookup(Draft):
@@ -153,10 +153,9 @@ class PromptLookup(Draft):
 # %% ../notebooks/11_more_than_one_token.ipynb #9a01c29f
 class DraftModel(Draft):
     """A smaller model with the target's tokenizer drafts k tokens for every row of the
-    batch, with its own KV cache (`max_batch_size` rows at least as many as the
-    batch's),
-    rolled back like the target's. `llama`: a chapter 9 `Llama`; `cost` defaults to
-    the bytes of weights a step of it reads over the target's (`bind`)."""
+    batch with its own KV cache (as many rows as the batch's, `max_batch_size`), rolled
+    back like the target's. `llama`: a chapter 9 `Llama`; `cost` defaults to the bytes
+    of weights a step of it reads over the target's (`bind`)."""
 
     def __init__(self, llama, n_draft=4, adaptive=True, cost: Optional[float] = None):
         if not isinstance(llama, generation.Llama):
@@ -207,8 +206,8 @@ class DraftModel(Draft):
         q = torch.stack(qs, dim=1) if qs else None  # (bsz, k, vocab_size)
         return [row[:n] for row, n in zip(ids, ks)], q
 
-    def update(self, rows, drafted, accepted):
-        super().update(rows, drafted, accepted)
+    def record(self, rows, drafted, accepted):
+        super().record(rows, drafted, accepted)
         # roll back: keep the accepted ids only
         self.pos = [min(p, n + a)
                     # fmt: skip
@@ -307,7 +306,7 @@ def speculative_steps(
                     for b, g in enumerate(guesses)]  # fmt: skip
         # row b's cache holds positions up to start + k; its next pass starts at
         # start + len(new), where the first position it did not accept is overwritten
-        draft.update(rows, [len(g) for g in guesses], [len(n) - 1 for n in news])
+        draft.record(rows, [len(g) for g in guesses], [len(n) - 1 for n in news])
 
 # %% ../notebooks/11_more_than_one_token.ipynb #e1dd7d60
 class Llama(generation.Llama):

@@ -18,7 +18,8 @@ __all__ = ['EMBEDDED_MODEL_PIP', 'GGUF_TYPES', 'GGUF_KEY_TYPES', 'TOKEN_NORMAL',
            'check_prompts', 'check_text_prompts', 'check_dialogs', 'check_dialog', 'env_int', 'world_size',
            'check_one_process', 'TemplateBoundError', 'template_environment', 'render_in_worker',
            'render_chat_template', 'check_cost', 'check_ngrams', 'not_a_draft', 'not_a_llama', 'check_draft_batch',
-           'VocabularyMismatch', 'check_vocabulary', 'OneLineParser', 'one_line', 'explained', 'read_prompt',
+           'VocabularyMismatch', 'check_vocabulary', 'check_quantize', 'check_gguf_mode', 'check_groupsize',
+           'check_int4_blocks', 'check_cuda_int4', 'OneLineParser', 'one_line', 'explained', 'read_prompt',
            'read_limited', 'check_speculate', 'check_options', 'check_parallel']
 
 # %% ../notebooks/00_how_the_package_defends_itself.ipynb #a0import
@@ -1352,9 +1353,6 @@ def hub_access(repo_id: str) -> Optional[str]:
     return None
 
 # %% ../notebooks/00_how_the_package_defends_itself.ipynb #93383c20
-import math
-
-
 def check_sampling(
     temperature: float,
     top_p: float,
@@ -1794,6 +1792,55 @@ def check_vocabulary(target, draft):
                 " must use the target's tokenizer; pick a draft of the same family,"
                 " or speculate='lookup'."
             )
+
+# %% ../notebooks/00_how_the_package_defends_itself.ipynb #cd15ca74
+def check_quantize(mode, modes) -> str:
+    "`mode` if it is one of the quantization `modes`, else an error naming them."
+    if mode not in modes:
+        names = ", ".join(repr(m) for m in modes)
+        raise InputError(
+            f"quantize={mode!r} is not supported: use {names} or None (plain"
+            " nn.Linear layers)."
+        )
+    return mode
+
+
+def check_gguf_mode(mode, found: bool, why: str):
+    "quantize='gguf' keeps a GGUF file's own blocks: refuse it when there is no file."
+    if mode == "gguf" and not found:
+        raise InputError(f"quantize='gguf' keeps a GGUF file's own precision: {why}.")
+
+
+def check_groupsize(in_features: int, groupsize: int):
+    "int4 groups must tile a row: `groupsize` must divide `in_features`."
+    if in_features % groupsize:
+        raise InputError(
+            f"in_features={in_features} is not a multiple of groupsize={groupsize}:"
+            " choose a groupsize that divides it, or use quantize='int8'."
+        )
+
+
+def check_int4_blocks(name: str, kind: str):
+    "A GGUF tensor of type `kind` has int4 blocks to keep only if it is Q4_0 or Q4_1."
+    if kind not in ("Q4_0", "Q4_1"):
+        raise InputError(
+            f"{name} is {kind}, not Q4_0 or Q4_1: it has no int4 blocks to keep."
+        )
+
+
+def check_cuda_int4(in_features: int, dtype=None):
+    """What CUDA's int4 kernel needs: `in_features` a multiple of 32 (it tiles the
+    input by 16 times 2, 4 or 8) and, if given, bfloat16 activations."""
+    if in_features % 32:
+        raise InputError(
+            f"in_features={in_features} is not a multiple of 32, which the CUDA int4"
+            " kernel needs: use quantize='int8' for this model."
+        )
+    if dtype is not None and str(dtype) != "torch.bfloat16":
+        raise InputError(
+            f"The CUDA int4 kernel needs bfloat16 activations, not {dtype} (a T4 has"
+            " no bf16): use quantize='int8' on this GPU."
+        )
 
 # %% ../notebooks/00_how_the_package_defends_itself.ipynb #0fd45310
 import argparse

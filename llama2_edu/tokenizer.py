@@ -30,8 +30,8 @@ from .support import check_file, check_int, check_text, user_path
 from .support import check_merges, check_token_ids, tokenizer_file
 from .support import cache_dir, download_llama2_vocab, embedded_model_path
 from .support import gguf_field, gguf_in, is_gguf, open_gguf, read_gguf_vocab
-from .support import TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL
-from .support import GGUF_TOKENIZER_MODELS, TOKEN_USER_DEFINED
+from .support import TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN
+from .support import GGUF_TOKENIZER_MODELS, TOKEN_UNUSED, TOKEN_USER_DEFINED
 
 # %% ../notebooks/01_tokenizers.ipynb #04941f8d
 class Tokenizer:

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from llama2_edu.generation import decode_one_token
 from llama2_edu.program import Llama, load
 from llama2_edu.kv_cache import KVCache
-from llama2_edu.quantize import HeadsFirstKVCache, compile_decoding, use_heads_first_cache
+from llama2_edu.levers import HeadsFirstKVCache, compile_decoding, use_heads_first_cache
 from llama2_edu.model import Transformer
 from llama2_edu.model_file import InputError
 
@@ -32,10 +33,12 @@ def tiny(seed=0):
 PROMPTS = [[5, 17, 42, 8, 9, 61, 3], [11, 12], [70, 71, 72, 73]]
 
 
-def logits_of_steps(model, tokens, prompt_len):
-    "The prefill's logits, then one decoding step per remaining token (teacher forcing): (seqlen, vocab)."
+def logits_of_steps(model, tokens, prompt_len, step=None):
+    """The prefill's logits, then one decoding step per remaining token (teacher forcing, through `step`, the
+    loop's step function, or the model's forward): (seqlen, vocab)."""
+    step = step or (lambda model, x, pos: model.forward(x, pos)[:, -1])
     out = [model.forward(tokens[:, :prompt_len], 0)[0]]
-    out += [model.forward(tokens[:, i:i + 1], i)[0] for i in range(prompt_len, tokens.shape[1])]
+    out += [step(model, tokens[:, i:i + 1], i) for i in range(prompt_len, tokens.shape[1])]
     return torch.cat(out)
 
 
@@ -46,8 +49,9 @@ def test_heads_first_cache_is_laid_out_heads_first_behind_metas_view():
     assert cache.cache_k.shape == (2, 10, 3, 4)  # what chapter 6's methods index
     assert cache.cache_k.transpose(1, 2).is_contiguous()  # what attention reads: (bsz, n_kv_heads, seqlen, dim)
     assert torch.equal(keys, k)
-    cache.copy_row(0, 1, 6)
-    assert torch.equal(cache.cache_k[1, :6], k[0])
+    keys, _ = cache.update(torch.tensor([6, 2]), k[:, :1], k[:, :1])  # a position per row
+    assert torch.equal(cache.cache_k[0, 6], k[0, 0]) and torch.equal(cache.cache_k[1, 2], k[1, 0])
+    assert keys.shape == (2, 7, 3, 4)
 
 
 def test_heads_first_cache_gives_the_same_logits_and_tokens_as_metas():
@@ -61,20 +65,21 @@ def test_heads_first_cache_gives_the_same_logits_and_tokens_as_metas():
 
 
 def test_compiled_decoding_equals_eager():
-    eager, compiled = use_heads_first_cache(tiny()), compile_decoding(use_heads_first_cache(tiny()))
+    """The loop's step compiled (compile_decoding) gives the eager step's logits and tokens, the model's own
+    forward untouched; a ragged batch (a position per row) and a prefill still run."""
+    eager = Llama(use_heads_first_cache(tiny()), Digits())
+    compiled = compile_decoding(Llama(use_heads_first_cache(tiny()), Digits()))
+    assert "forward" not in vars(compiled.model) and compiled.decode_one_token is not decode_one_token
     tokens = torch.tensor([PROMPTS[0] + [30, 31, 32, 33]])
     graphs = counters["stats"]["unique_graphs"]
-    with torch.inference_mode():  # as generate calls it
-        got, want = logits_of_steps(compiled, tokens, 7), logits_of_steps(eager, tokens, 7)
-    # the steps ran through a compiled graph, one for both blocks (regional compilation)
-    assert counters["stats"]["unique_graphs"] == graphs + 1
-    assert compiled.n_layers == 2
+    with torch.no_grad():  # as generate calls it
+        got = logits_of_steps(compiled.model, tokens, 7, step=compiled.decode_one_token)
+        want = logits_of_steps(eager.model, tokens, 7)
+    assert counters["stats"]["unique_graphs"] > graphs  # the steps ran through a compiled graph
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    # a ragged batch, with a padding mask at every step, and the same tokens
-    a, b = Llama(eager, Digits()), Llama(compiled, Digits())
-    assert b.generate(PROMPTS, 6, temperature=0) == a.generate(PROMPTS, 6, temperature=0)
+    assert compiled.generate(PROMPTS, 6, temperature=0) == eager.generate(PROMPTS, 6, temperature=0)
     with pytest.raises(ValueError, match="do not fit a KV cache of max_seq_len=48"):  # its checks still run
-        compiled.forward(tokens[:, :1], 48)
+        compiled.decode_one_token(compiled.model, tokens[:, :1], 48)
 
 
 def test_compile_is_refused_under_torchrun(monkeypatch):

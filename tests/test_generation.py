@@ -382,7 +382,7 @@ def test_ragged_batch_is_prefilled_in_one_pass_and_equals_one_by_one(llama):
         llama.generate([t], max_gen_len=4, temperature=0, ignore_eos=True)[0][0] for t in (short, long, mid)]
 
 
-def rows_alone_and_together(llama, prompts, max_gen_len):
+def decoded_rows(llama, prompts, max_gen_len):
     "For each prompt: the tokens each decoding step wrote for it and the logits it drew them from, (steps, vocab)."
     tokens, prompt_lens, ends = batch_layout(prompts, max_gen_len, llama.args.max_seq_len, "cpu")
     with torch.inference_mode():
@@ -401,10 +401,10 @@ def test_each_row_decodes_at_its_own_positions_as_it_would_alone(llama):
     short, mid = llama.encode_prompt(PROMPTS[1]), llama.encode_prompt(PROMPTS[0])
     long = llama.encode_prompt("Paris is a city. " * 200)[: max_seq_len - 5]
     prompts = [short, long, mid]
-    together = rows_alone_and_together(llama, prompts, 8)
+    together = decoded_rows(llama, prompts, 8)
     assert [len(t) for t, _ in together] == [8, 5, 8]  # the long row stops at max_seq_len, the others do not
     for prompt, (tokens, logits) in zip(prompts, together):
-        [(tokens_alone, logits_alone)] = rows_alone_and_together(llama, [prompt], 8)
+        [(tokens_alone, logits_alone)] = decoded_rows(llama, [prompt], 8)
         assert tokens == tokens_alone
         assert (logits - logits_alone).abs().max().item() <= 1e-4
     generated, _ = llama.generate(prompts, max_gen_len=8, temperature=0, ignore_eos=True)

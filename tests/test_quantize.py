@@ -10,7 +10,7 @@ from gguf.quants import dequantize, quantize
 
 from llama2_edu.program import Llama, load
 from llama2_edu.model_file import embedded_model_path
-from llama2_edu.quantize import (Int4Linear, Int8Linear, dequantize_int4, gguf_int4, inner_k_tiles, load_plan,
+from llama2_edu.levers import (Int4Linear, Int8Linear, dequantize_int4, gguf_int4, inner_k_tiles, load_plan,
                                  pack_int4_cuda, quantize_int4, quantize_int8, quantize_model)
 from llama2_edu.tokenizer import tokenizer_from_gguf
 
@@ -162,7 +162,7 @@ def test_generation_on_the_fast_path(fast):
 
 
 def test_fused_projections_keep_the_file_blocks_and_the_logits(fast):
-    from llama2_edu.quantize import FusedAttention, FusedFeedForward
+    from llama2_edu.levers import FusedAttention, FusedFeedForward
     model = load(device="cpu", max_seq_len=512, max_batch_size=4, fuse=True).model
     block, args = model.layers[0], fast.args
     assert isinstance(block.attention, FusedAttention) and isinstance(block.feed_forward, FusedFeedForward)

@@ -159,7 +159,7 @@ def test_vocabulary_mismatch_is_one_clear_error(tokenizers):
 def test_a_quantized_target_still_drafts(tokenizers):
     # chapter 10's Int8Linear and Int4Linear keep their weights in buffers: a cost from parameter counts saw an int8
     # target as its norms and embedding, four times smaller than this draft, which then never drafted
-    from llama2_edu.quantize import quantize_model
+    from llama2_edu.levers import quantize_model
     target, _ = tiny_llama(tokenizers[0], n_layers=8)
     quantize_model(target.model, "int8")  # int8 weights, bf16 activations, as llama2_edu.load(quantize="int8")
     small, _ = tiny_llama(tokenizers[0], n_layers=1)
@@ -295,9 +295,9 @@ def test_adaptive_length_stops_drafting_when_nothing_is_accepted():
     lengths = S.DraftLength(8, cost=0.09)
     assert lengths() > 0
     for _ in range(20):
-        lengths.update(lengths(), 0)
+        lengths.record(lengths(), 0)
     assert lengths() == 0
     for _ in range(20):
         k = lengths()
-        lengths.update(k, k)
+        lengths.record(k, k)
     assert lengths() == 8

@@ -1,4 +1,4 @@
-"""Peak host memory per rank of `load_checkpoint` under torchrun (CPU, gloo), against one process loading it all.
+"""Peak host memory per rank of `load` under torchrun (CPU, gloo), against one process loading it all.
 
     python tools/bench_parallel_memory.py                   # Meta, 2 shards, bf16, ~1 GB: 1, 2 and 4 processes
     python tools/bench_parallel_memory.py --shards 4 --gb 2
@@ -41,7 +41,7 @@ def status_mb(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
-from llama2_edu.checkpoint import load_checkpoint
+from llama2_edu import load
 from llama2_edu.model import Transformer
 from llama2_edu.model_file import ModelArgs
 from llama2_edu.parallel import parameter_bytes
@@ -51,9 +51,10 @@ if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # join the group first: its buff
     from llama2_edu.parallel import init_parallel
     init_parallel("cpu")
 baseline = status_mb("VmRSS")
-model, _ = load_checkpoint(sys.argv[1], device="cpu", dtype=getattr(torch, sys.argv[2]), max_seq_len=16,
-                           max_batch_size=1)
-model(torch.tensor([[1, 2, 3, 4]]), 0)
+model = load(sys.argv[1], device="cpu", dtype=getattr(torch, sys.argv[2]), max_seq_len=16, max_batch_size=1,
+             quantize=None).model  # under torchrun: this rank's slice
+with torch.inference_mode():
+    model(torch.tensor([[1, 2, 3, 4]]), 0)
 for p in model.parameters():
     p.sum()
 result = dict(rank=int(os.environ.get("RANK", "0")), parameter_mb=parameter_bytes(model) / 2**20,

@@ -176,8 +176,8 @@ def sync(device):
 
 def decode_rate(llama, ids, n_tokens) -> float:
     """Tokens/s of greedy decoding with Llama.generate, batch 1, the prefill excluded:
-    chapter 14's decode_rate (a warm-up run pays for allocation and compilation)."""
-    from llama2_edu.llama2_7b import decode_rate as rate
+    chapter 10's decode_rate (a warm-up run pays for allocation and compilation)."""
+    from llama2_edu.levers import decode_rate as rate
 
     return rate(llama, ids, n_tokens)
 
@@ -239,7 +239,7 @@ def check_bf16(ctx):
 
 
 def check_int8(ctx):
-    from llama2_edu.quantize import Int8Linear
+    from llama2_edu.levers import Int8Linear
 
     dtype = half(ctx["device"])
     llama = load_model(ctx, dtype, quantize="int8")
@@ -253,7 +253,7 @@ def check_int8(ctx):
 
 
 def check_int4(ctx):
-    from llama2_edu.quantize import Int4Linear
+    from llama2_edu.levers import Int4Linear
 
     if not bf16_ok(ctx["device"]):
         raise Skip("CUDA's int4 kernel needs bf16 (load() uses int8 here)")
@@ -266,11 +266,11 @@ def check_int4(ctx):
     return ok, f"{layer.mm.__name__}, {what}", rate
 
 
-@torch.inference_mode()
+@torch.no_grad()  # as the loop runs it: a compiled graph cannot take inference tensors
 def check_compile(ctx):
     """The decoding step's logits, eager and compiled, after the same prefill; then the
     compiled decoding rate (its warm-up run pays for the compilation, timed apart)."""
-    from llama2_edu.quantize import compile_decoding
+    from llama2_edu.levers import compile_decoding
 
     # RoPE's complex arithmetic stays in eager kernels (chapter 10 says why)
     warnings.filterwarnings("ignore", "Torchinductor does not support code generation")
@@ -278,10 +278,10 @@ def check_compile(ctx):
     llama = load_model(ctx, half(device))
     model = llama.model
     prompt = torch.tensor([ids], device=device)
-    step = lambda: model.forward(prompt[:, -1:], PROMPT_LEN - 1)
+    step = lambda: llama.decode_one_token(model, prompt[:, -1:], PROMPT_LEN - 1)
     model.forward(prompt[:, :-1], 0)
     eager = step()
-    compile_decoding(model, backend=ctx["backend"])
+    compile_decoding(llama, backend=ctx["backend"])
     model.forward(prompt[:, :-1], 0)  # the prefill stays eager
     sync(device)
     start = time.perf_counter()

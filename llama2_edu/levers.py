@@ -4,11 +4,12 @@
 __all__ = ['QUANTIZE_MODES', 'FUSED', 'quantize_int8', 'Int8Linear', 'quantize_int4', 'dequantize_int4', 'pack_int4_cuda',
            'inner_k_tiles', 'Int4Linear', 'gguf_int4', 'quantized_linear', 'gguf_parts', 'quantize_model', 'gguf_file',
            'load_plan', 'HeadsFirstKVCache', 'use_heads_first_cache', 'fused_linear', 'FusedAttention',
-           'FusedFeedForward', 'fuse_projections', 'compile_decoding', 'apply_levers']
+           'FusedFeedForward', 'fuse_projections', 'decode_rate', 'compile_decoding', 'apply_levers']
 
 # %% ../notebooks/10_making_it_fast.ipynb #32824b5b
+import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -17,30 +18,23 @@ from gguf import GGMLQuantizationType as GGML
 from torch import nn
 
 from .attention import Attention
-from llama2_edu.checkpoint import (
-    about,
-    checkpoint_layout,
-    default_device,
-    default_dtype,
-    supports_bf16,
-)
+from .checkpoint import about, checkpoint_layout, default_device
+from .checkpoint import default_dtype, supports_bf16
+from .generation import decode_one_token
 from .kv_cache import KVCache
 from .model import FeedForward, TransformerBlock
-from llama2_edu.model_file import (
-    args_from_gguf,
-    embedded_model_path,
-    gguf_tensor,
-    meta_name,
-    open_gguf,
-)
+from .model_file import args_from_gguf, embedded_model_path, gguf_tensor
+from .model_file import meta_name, open_gguf
+from .support import gguf_in
+from .support import check_cuda_int4, check_gguf_mode, check_groupsize
+from .support import check_int4_blocks, check_quantize
 
 # %% ../notebooks/10_making_it_fast.ipynb #24e56097
 def quantize_int8(w: torch.Tensor):
     "Symmetric int8 per output channel: w ≈ q * scales[:, None], q in [-127, 127]."
     scales = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127  # (out_features,)
     q = torch.round(w.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    # (out_features, in_features), (out_features,)
-    return q, scales
+    return q, scales  # (out_features, in_features), (out_features,)
 
 
 class Int8Linear(nn.Module):
@@ -50,8 +44,7 @@ class Int8Linear(nn.Module):
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16):
         super().__init__()
         self.out_features, self.in_features = q.shape
-        # (out_features, in_features) int8
-        self.register_buffer("weight", q)
+        self.register_buffer("weight", q)  # (out_features, in_features) int8
         # (out_features,) in the activations' dtype
         self.register_buffer("scales", scales.to(dtype))
         self.dtype, self.on_cpu = dtype, q.device.type == "cpu"
@@ -62,15 +55,12 @@ class Int8Linear(nn.Module):
             x = x.to(self.dtype)
         if not self.on_cpu:
             return self.forward_fused(x)
-        y = torch._weight_int8pack_mm(
-            x.reshape(-1, self.in_features), self.weight, self.scales
-        )
-        # (..., out_features)
-        return y.view(*x.shape[:-1], self.out_features)
+        x2 = x.reshape(-1, self.in_features)  # (tokens, in_features)
+        y = torch._weight_int8pack_mm(x2, self.weight, self.scales)
+        return y.view(*x.shape[:-1], self.out_features)  # (..., out_features)
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """gpt-fast's GPU form: the cast to x's dtype is fused into the matmul by
-        torch.compile."""
+        "gpt-fast's GPU form: torch.compile fuses the cast into the matmul."
         return F.linear(x, self.weight.to(x.dtype)) * self.scales
 
 # %% ../notebooks/10_making_it_fast.ipynb #6eaec7ca
@@ -78,9 +68,8 @@ def quantize_int4(w: torch.Tensor, groupsize: int = 32):
     """Asymmetric int4 per group of `groupsize` inputs: w ≈ (q - 8) * scale + zero, q in
     [0, 15] (gpt-fast's layout)."""
     out_features, in_features = w.shape
-    # (out, n_groups, groupsize)
+    # (out, n_groups, groupsize), and the groups' ends (out, n_groups)
     groups = w.float().reshape(out_features, in_features // groupsize, groupsize)
-    # (out, n_groups)
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
     scales = (hi - lo).clamp(min=1e-12) / 15
     zeros = lo + 8 * scales
@@ -88,82 +77,56 @@ def quantize_int4(w: torch.Tensor, groupsize: int = 32):
     return q.reshape(out_features, in_features).to(torch.int32), scales, zeros
 
 
-def dequantize_int4(
-    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
-) -> torch.Tensor:
+def dequantize_int4(q, scales, zeros) -> torch.Tensor:
     """The weights (out_features, in_features) that int4 values and their group scales
     and zeros stand for."""
     out_features, in_features = q.shape
-    # (out, n_groups, groupsize)
+    # (out, n_groups, g)
     groups = q.reshape(out_features, scales.shape[1], -1).float() - 8
-    return (groups * scales[..., None] + zeros[..., None]).reshape(
-        out_features, in_features
-    )
+    w = groups * scales[..., None] + zeros[..., None]
+    return w.reshape(out_features, in_features)
 
 
 def pack_int4_cuda(q: torch.Tensor) -> torch.Tensor:
     """Two 4-bit values per byte, even columns in the high nibble: what CUDA's
     `_convert_weight_to_int4pack` takes."""
-    # (out_features, in_features // 2)
-    return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+    return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # (out, in_features // 2)
 
 
 def inner_k_tiles(in_features: int) -> int:
     """The CUDA int4 kernel's tiling of the input dimension: the largest of 8, 4, 2 with
-    in_features % (16 * tiles) == 0."""
-    for tiles in (8, 4, 2):
-        if in_features % (16 * tiles) == 0:
-            return tiles
-    raise ValueError(
-        f"in_features={in_features} is not a multiple of 32, which the CUDA int4 kernel"
-        " needs: use quantize='int8' for this model."
-    )
+    in_features % (16 * tiles) == 0 (in_features a multiple of 32 at least)."""
+    check_cuda_int4(in_features)
+    return next(tiles for tiles in (8, 4, 2) if in_features % (16 * tiles) == 0)
 
 
 class Int4Linear(nn.Module):
     """Weight-only int4 linear layer: each group of `groupsize` weights of a row shares
     a scale and a zero."""
 
-    def __init__(
-        self,
-        q: torch.Tensor,
-        scales: torch.Tensor,
-        zeros: torch.Tensor,
-        groupsize: int = 32,
-        dtype=torch.bfloat16,
-    ):
+    def __init__(self, q, scales, zeros, groupsize: int = 32, dtype=torch.bfloat16):
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.groupsize = groupsize
+        self.groupsize, self.dtype = groupsize, dtype
         q = q.to(torch.int32)
-        self.dtype = dtype
         if q.device.type == "cpu":
             packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
             self.mm = torch._weight_int4pack_mm_for_cpu
         else:
-            if dtype != torch.bfloat16:
-                raise ValueError(
-                    f"The CUDA int4 kernel needs bfloat16 activations, not {dtype} (a"
-                    " T4 has no bf16): use quantize='int8' on this GPU."
-                )
-            packed = torch._convert_weight_to_int4pack(
-                pack_int4_cuda(q), inner_k_tiles(self.in_features)
-            )
+            check_cuda_int4(self.in_features, dtype)  # bf16 activations
+            tiles = inner_k_tiles(self.in_features)
+            packed = torch._convert_weight_to_int4pack(pack_int4_cuda(q), tiles)
             self.mm = torch._weight_int4pack_mm
         self.register_buffer("weight", packed)
         # (n_groups, out_features, 2)
-        scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1)
-        self.register_buffer(
-            "scales_and_zeros", scales_and_zeros.contiguous().to(dtype)
-        )
+        sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+        self.register_buffer("scales_and_zeros", sz.to(dtype))
 
     # (..., in_features)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.dtype:  # as in Int8Linear
             x = x.to(self.dtype)
-        # (tokens, in_features)
-        x2 = x.reshape(-1, self.in_features)
-        # (tokens, out_features)
+        x2 = x.reshape(-1, self.in_features)  # (tokens, in_features)
         y = self.mm(x2, self.weight, self.groupsize, self.scales_and_zeros)
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -171,49 +134,30 @@ class Int4Linear(nn.Module):
 def gguf_int4(t) -> tuple:
     """The Q4_0 / Q4_1 blocks of a GGUF tensor as int4 groups of 32: (q, scales, zeros),
     exactly the file's weights."""
-    if t.tensor_type not in (GGML.Q4_0, GGML.Q4_1):
-        raise ValueError(
-            f"{t.name} is {t.tensor_type.name}, not Q4_0 or Q4_1: it has no int4 blocks"
-            " to keep."
-        )
-    rows = t.data.shape[0]
+    check_int4_blocks(t.name, t.tensor_type.name)
     # bytes per 32 weights: f16 d, (f16 m), 16 of nibbles
     block = 18 if t.tensor_type == GGML.Q4_0 else 20
     # (out_features, n_groups, block)
-    blocks = np.asarray(t.data).reshape(rows, -1, block)
-    half = lambda offset: torch.from_numpy(
-        blocks[..., offset : offset + 2].copy().view(np.float16)[..., 0]
-    ).float()
-    # (out_features, n_groups, 16)
-    nibbles = blocks[..., block - 16 :]
-    # weights 0..15 in low nibbles, 16..31 in high
-    q = np.concatenate([nibbles & 0xF, nibbles >> 4], axis=-1)
-    # (out_features, in_features)
-    q = torch.from_numpy(q.reshape(rows, -1).astype(np.int32))
-    # (out_features, n_groups)
-    d = half(0)
+    blocks = np.asarray(t.data).reshape(t.data.shape[0], -1, block)
+    # (out_features, n_groups, 2): each block's d and (Q4_1) m
+    dm = torch.from_numpy(blocks[..., :4].copy().view(np.float16)).float()
+    nibbles = blocks[..., block - 16 :]  # (out_features, n_groups, 16)
+    # weights 0..15 in low nibbles, 16..31 in high: (out_features, in_features)
+    q = np.concatenate([nibbles & 0xF, nibbles >> 4], axis=-1).reshape(len(blocks), -1)
+    q, d = torch.from_numpy(q.astype(np.int32)), dm[..., 0]
     if t.tensor_type == GGML.Q4_0:  # w = d (q - 8)
         return q, d, torch.zeros_like(d)
-    # w = d q + m = (q - 8) d + (m + 8 d)
-    return q, d, half(2) + 8 * d
+    return q, d, dm[..., 1] + 8 * d  # w = d q + m = (q - 8) d + (m + 8 d)
 
 # %% ../notebooks/10_making_it_fast.ipynb #58e84179
 QUANTIZE_MODES = ("int8", "int4", "gguf")
 
 
-def quantized_linear(
-    weight: torch.Tensor,
-    mode: str,
-    tensors=None,
-    groupsize: int = 32,
-    dtype=torch.bfloat16,
-):
+def quantized_linear(weight, mode, tensors=None, groupsize=32, dtype=torch.bfloat16):
     """The quantized replacement of a linear layer of `weight` (out_features,
-    in_features), or None to keep it.
-    `tensors`: the same weight as a GGUF file stores it, a list of one tensor (or of the
-    parts a fused layer joins, row blocks in order), so that Q4_0/Q4_1 blocks are kept
-    exactly.
-    """
+    in_features), or None to keep it. `tensors`: the same weight as a GGUF file stores
+    it, a list of one tensor (or of the parts a fused layer joins, row blocks in
+    order), so that Q4_0/Q4_1 blocks are kept exactly."""
     kinds = {t.tensor_type for t in tensors or ()}
     # the parts' common type (None: no file, or parts of different types)
     kind = kinds.pop() if len(kinds) == 1 else None
@@ -224,19 +168,13 @@ def quantized_linear(
     device = weight.device
     if mode == "int4" and kind in (GGML.Q4_0, GGML.Q4_1) and groupsize == 32:
         # q, scales, zeros of the parts, joined along the rows
-        q, scales, zeros = (
-            torch.cat(part).to(device) for part in zip(*map(gguf_int4, tensors))
-        )
-        return Int4Linear(q, scales, zeros, 32, dtype)
+        parts = zip(*map(gguf_int4, tensors))
+        return Int4Linear(*(torch.cat(p).to(device) for p in parts), 32, dtype)
     # the file's values if we have them
     w = torch.cat([gguf_tensor(t) for t in tensors]).to(device) if tensors else weight
     if mode == "int8":
         return Int8Linear(*quantize_int8(w), dtype=dtype)
-    if w.shape[1] % groupsize:
-        raise ValueError(
-            f"in_features={w.shape[1]} is not a multiple of groupsize={groupsize}: "
-            "choose a groupsize that divides it, or use quantize='int8'."
-        )
+    check_groupsize(w.shape[1], groupsize)
     return Int4Linear(*quantize_int4(w, groupsize), groupsize=groupsize, dtype=dtype)
 
 
@@ -254,42 +192,26 @@ def gguf_parts(tensors: dict, name: str):
 
 
 @torch.no_grad()
-def quantize_model(
-    model: nn.Module, mode: str, reader=None, groupsize: int = 32, dtype=torch.bfloat16
-):
+def quantize_model(model, mode: str, reader=None, groupsize=32, dtype=torch.bfloat16):
     """Replace a Transformer's linear layers (and a tied model's output head) by
     weight-only quantized ones, in place, and cast the rest to `dtype`, the activations'
     dtype. `reader`: the GGUF file the weights came from."""
-    if mode not in QUANTIZE_MODES:
-        raise ValueError(
-            f"quantize={mode!r} is not supported: use 'int8', 'int4', 'gguf' (a GGUF"
-            " file's own precision) or None (plain nn.Linear layers)."
-        )
+    check_quantize(mode, QUANTIZE_MODES)
     tensors = {meta_name(t.name): t for t in reader.tensors} if reader else {}
-    if mode == "gguf" and not tensors:
-        raise ValueError(
-            "quantize='gguf' keeps a GGUF file's own precision: pass the file's reader"
-            " (open_gguf)."
-        )
+    check_gguf_mode(mode, bool(tensors), "pass the file's reader (open_gguf)")
     model.to(dtype)
-    for name, linear in [
-        (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
-    ]:
-        new = quantized_linear(
-            linear.weight, mode, gguf_parts(tensors, name), groupsize, dtype
-        )
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name, linear in linears:
+        parts = gguf_parts(tensors, name)
+        new = quantized_linear(linear.weight, mode, parts, groupsize, dtype)
         if new is not None:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
     # tied: the head gets its own quantized copy; the embedding stays for lookups
     if model.output is None:
-        model.output = quantized_linear(
-            model.tok_embeddings.weight,
-            mode,
-            gguf_parts(tensors, "tok_embeddings"),
-            groupsize,
-            dtype,
-        )
+        parts = gguf_parts(tensors, "tok_embeddings")
+        head = model.tok_embeddings.weight
+        model.output = quantized_linear(head, mode, parts, groupsize, dtype)
     return model
 
 # %% ../notebooks/10_making_it_fast.ipynb #c2fdaf33
@@ -298,42 +220,30 @@ def gguf_file(source) -> Optional[Path]:
     kind of checkpoint."""
     path = embedded_model_path() if source is None else Path(source).expanduser()
     try:
-        if path.exists() and checkpoint_layout(path) == "gguf":
-            return path if path.is_file() else next(path.glob("*.gguf"))
-    except ValueError:
-        pass  # not a checkpoint we recognise: load_checkpoint will say so
-    return None
+        return gguf_in(path) if checkpoint_layout(path) == "gguf" else None
+    except ValueError:  # not a checkpoint we recognise: load_checkpoint will say so
+        return None
 
 
 def load_plan(source, quantize="auto", device=None, dtype=None):
     """`(mode, dtype, reader)` for loading `source`: the quantization mode (or None),
     the dtype and the GGUF reader."""
     device = torch.device(device) if device is not None else default_device()
-    half = torch.bfloat16 if supports_bf16(device) else torch.float16
+    # None, or "auto" with an explicit dtype: plain layers in that dtype
+    if quantize is None or (quantize == "auto" and dtype is not None):
+        return None, dtype, None
+    path = gguf_file(source)
     if quantize == "auto":
-        if dtype is not None:  # an explicit dtype: plain layers in that dtype
-            return None, dtype, None
-        path = gguf_file(source)
         # Meta / Hugging Face weights: chapter 8's rule (fp32 on the CPU, bf16 or fp16)
         if path is None:
             return None, default_dtype(device), None
         quantize = "gguf"
-    if quantize is None:
-        return None, dtype, None
-    if quantize not in QUANTIZE_MODES:
-        raise ValueError(
-            f"quantize={quantize!r} is not supported: use 'auto', 'int8', 'int4',"
-            " 'gguf' or None."
-        )
-    dtype = dtype or half
+    check_quantize(quantize, ("auto",) + QUANTIZE_MODES)
+    dtype = dtype or (torch.bfloat16 if supports_bf16(device) else torch.float16)
     if quantize != "int8" and device.type == "cuda" and dtype != torch.bfloat16:
         quantize = "int8"  # CUDA's int4 kernel needs bf16
-    path = gguf_file(source)
-    if quantize == "gguf" and path is None:
-        raise ValueError(
-            f"quantize='gguf' keeps a GGUF file's own precision, but {source} is not a"
-            " GGUF file: use quantize='int8' or 'int4'."
-        )
+    why = f"{source} is not a GGUF file: use quantize='int8' or 'int4'"
+    check_gguf_mode(quantize, path is not None, why)
     if path is None:
         return quantize, dtype, None
     with about(path):  # an unsupported file is refused from its header, first
@@ -342,11 +252,9 @@ def load_plan(source, quantize="auto", device=None, dtype=None):
 
 # %% ../notebooks/10_making_it_fast.ipynb #4795ab7f
 class HeadsFirstKVCache(KVCache):
-    """Chapter 6's cache with its memory in the order attention reads it:
-    (max_batch_size, n_kv_heads, max_seq_len, head_dim), seen through the
-    (max_batch_size, max_seq_len, n_kv_heads, head_dim) view that KVCache's methods
-    index. Attention's transpose of that view gives each head's keys back as one
-    contiguous block."""
+    """Chapter 6's cache with its memory heads first, (max_batch_size, n_kv_heads,
+    max_seq_len, head_dim), seen through the view that KVCache's methods index: the
+    transpose attention takes of it gives each head's keys as one contiguous block."""
 
     def allocate(self, dtype, device):
         max_batch_size, max_seq_len, n_kv_heads, head_dim = self.shape
@@ -384,11 +292,9 @@ class FusedAttention(Attention):
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         # (bsz, seqlen, q_dim), then twice (bsz, seqlen, kv_dim)
         xq, xk, xv = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
-        return (
-            xq.view(bsz, seqlen, self.n_heads, self.head_dim),
-            xk.view(bsz, seqlen, self.n_kv_heads, self.head_dim),
-            xv.view(bsz, seqlen, self.n_kv_heads, self.head_dim),
-        )
+        # (bsz, seqlen, n_heads or n_kv_heads, head_dim)
+        shape = (bsz, seqlen, -1, self.head_dim)
+        return xq.view(shape), xk.view(shape), xv.view(shape)
 
 
 class FusedFeedForward(FeedForward):
@@ -400,8 +306,7 @@ class FusedFeedForward(FeedForward):
         self.w2 = feed_forward.w2
 
     def forward(self, x):  # (bsz, seqlen, dim)
-        # two times (bsz, seqlen, hidden_dim)
-        gate, up = self.w13(x).chunk(2, dim=-1)
+        gate, up = self.w13(x).chunk(2, dim=-1)  # (bsz, seqlen, hidden_dim) each
         return self.w2(F.silu(gate) * up)
 
 
@@ -414,56 +319,48 @@ def fuse_projections(model):
         layer.feed_forward = FusedFeedForward(layer.feed_forward)
     return model
 
+# %% ../notebooks/10_making_it_fast.ipynb #a7bbc707
+def decode_rate(llama, tokens: List[int], n: int = 64) -> float:
+    """Greedy decoding speed in tokens/s after the prompt `tokens`, the prefill
+    excluded: `n` tokens and one token are generated after the same prompt, and (n - 1)
+    is divided by the difference (after a warm-up run, which pays one-off costs)."""
+
+    def seconds(n):
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+        sync()  # a GPU runs ahead of Python: wait for it before reading the clock
+        start = time.perf_counter()
+        llama.generate([tokens], max_gen_len=n, temperature=0, ignore_eos=True)
+        sync()
+        return time.perf_counter() - start
+
+    seconds(2)
+    return (n - 1) / (seconds(n) - seconds(1))
+
 # %% ../notebooks/10_making_it_fast.ipynb #493f65ca
-import functools
-
-
-def compile_decoding(model, **options):
-    """Compile a Transformer's decoding step (one new token per sequence) with
-    torch.compile, in place; `options` go to torch.compile. Prefills stay eager. What is
-    compiled is a block's forward, which every block runs: it compiles once, not once
-    per layer, and with dynamic shapes one graph follows the growing cache. The caches
-    are allocated here, outside inference mode: a compiled graph may not write into
-    inference tensors."""
-    weight = model.tok_embeddings.weight
+def compile_decoding(llama, **options):
+    """Compile `llama`'s one-token step, the function its loop calls (chapter 9's
+    `decode_one_token`), with torch.compile; `options` go to torch.compile. The model
+    is left as it is, and prefills stay eager. With dynamic shapes, one graph follows
+    the growing cache. The caches are allocated here, outside inference mode: a
+    compiled graph may not write into inference tensors."""
+    weight = llama.model.tok_embeddings.weight
     with torch.inference_mode(False):
-        for layer in model.layers:
+        for layer in llama.model.layers:
             cache = layer.attention.cache
             cache.allocate(cache.dtype or weight.dtype, weight.device)
-    block_step = torch.compile(TransformerBlock.forward, dynamic=True, **options)
-
-    def block_forward(layer, x, *args):  # x: (bsz, seqlen, dim)
-        step = block_step if x.shape[1] == 1 else TransformerBlock.forward
-        return step(layer, x, *args)
-
-    for layer in model.layers:
-        layer.forward = functools.partial(block_forward, layer)
-    eager = model.forward
-
-    def forward(tokens, start_pos, **kw):
-        if tokens.shape[1] > 1:  # a prefill
-            return eager(tokens, start_pos, **kw)
-        # Transformer.forward without its inference_mode decorator
-        with torch.inference_mode(False), torch.no_grad():
-            return type(model).forward.__wrapped__(model, tokens, start_pos, **kw)
-
-    model.forward = forward
-    return model
+    llama.decode_one_token = torch.compile(decode_one_token, dynamic=True, **options)
+    return llama
 
 # %% ../notebooks/10_making_it_fast.ipynb #7531857f
-def apply_levers(
-    model, mode=None, reader=None, dtype=None, *, fuse=False, compile=False
-):
-    """This chapter's levers on a built Transformer, in place and in order: fused
-    projections (`fuse`), weight-only quantization (`mode`, `reader` and `dtype` as
-    `load_plan` returns them; None: plain layers), the cache in attention's layout
-    (keys and values in fp32 on the CPU) and a compiled decoding step (`compile`)."""
+def apply_levers(model, mode=None, reader=None, dtype=None, *, fuse=False):
+    """This chapter's levers on a built Transformer, in place and in order: `fuse`,
+    quantization (`mode`, `reader`, `dtype` as `load_plan` returns them; None: plain
+    layers) and the heads-first cache (fp32 on the CPU). Compiling is done on the loop
+    that will run the model (`compile_decoding`), not on the model."""
     if fuse:  # before quantizing: the fused matrices take their parts' blocks
         fuse_projections(model)
     if mode is not None:
         quantize_model(model, mode, reader, dtype=dtype)
     on_cpu = model.tok_embeddings.weight.device.type == "cpu"
     use_heads_first_cache(model, torch.float32 if on_cpu else None)
-    if compile:
-        compile_decoding(model)
     return model

@@ -1,6 +1,6 @@
 """Decoding speed of llama2_edu against transformers and llama.cpp on the embedded model (chapter 10).
 
-    python benchmarks/decode.py                                  # about 15 minutes on 2 CPU cores
+    python benchmarks/decode.py                                  # minutes: 2.5 on the benchmark CPU, 2 cores
     python benchmarks/decode.py --llama-bench /path/to/llama-bench --threads 2 --runs 5
     python benchmarks/decode.py --only compile                   # eager vs torch.compile, added to the results
     python benchmarks/decode.py --only layout                    # Meta's KV-cache layout vs heads first

@@ -288,7 +288,8 @@ class Llama:
         self.model, self.tokenizer = model, tokenizer
         self.seed = None if seed is None else check_seed(seed)
         self.generator = None  # made on the model's device on first use, if seeded
-        self.decode_one_token = decode_one_token  # the loop's step (chapter 10 compiles)
+        # the loop's step (chapter 10 compiles)
+        self.decode_one_token = decode_one_token
 
     @property
     def args(self) -> ModelArgs:

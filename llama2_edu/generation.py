@@ -82,10 +82,7 @@ def sampling_probs(logits, temperature, top_p=1.0, top_k=None) -> torch.Tensor:
     return torch.where(greedy, one_hot, probs)
 
 
-def sample_next(
-    logits: torch.Tensor, temperature=0.6, top_p=0.9, top_k=None,
-    generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:  # fmt: skip
+def sample_next(logits, temperature=0.6, top_p=0.9, top_k=None, generator=None):
     """The next token of each row (bsz,), from last-position logits (bsz, vocab_size):
     the argmax where the temperature is greedy, else a draw from `sampling_probs`."""
     greedy = is_greedy(temperature).to(logits.device)  # () or (bsz,)
@@ -97,9 +94,7 @@ def sample_next(
     return torch.where(greedy, best, drawn)
 
 # %% ../notebooks/09_generation.ipynb #e340643d
-def batch_layout(
-    prompt_tokens: List[List[int]], max_gen_len: int, max_seq_len: int, device
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_layout(prompt_tokens: List[List[int]], max_gen_len, max_seq_len, device):
     """The batch layout: each prompt at positions 0 .. len - 1 of its row of `tokens`
     (bsz, total_len), the rest 0; `prompt_lens` (bsz,); `ends` (bsz,), the position
     where each row stops, min(max_seq_len, prompt_len + max_gen_len)."""
@@ -299,8 +294,7 @@ class Llama:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    # no_grad, not inference_mode: chapter 10's compiled step takes the loop's tensors,
-    # and a compiled graph cannot take inference tensors
+    # not inference_mode: a compiled step (chapter 10) cannot take its tensors
     @torch.no_grad()
     def generate(
         self, prompt_tokens: List[List[int]], max_gen_len: int,
@@ -333,10 +327,9 @@ class Llama:
 
         out_tokens, out_logprobs = [], []
         for i, toks in enumerate(tokens.tolist()):
-            # cut to max_gen_len
             n = len(prompt_tokens[i])
             start = 0 if echo else n
-            toks = toks[start : n + max_gen_len]
+            toks = toks[start : n + max_gen_len]  # cut to max_gen_len
             probs = token_logprobs[i, start : n + max_gen_len].tolist()
             # cut at the first EOS the model wrote (a chat prompt holds EOS too)
             if eos_id in toks[n - start :] and not ignore_eos:
@@ -370,8 +363,7 @@ class Llama:
         prompt_tokens = [self.encode_dialog(dialog) for dialog in dialogs]
         generation_tokens, generation_logprobs = self._generate_all(
             prompt_tokens, max_gen_len, temperature, top_p, logprobs, top_k=top_k,
-            seed=seed,
-        )  # fmt: skip
+            seed=seed)  # fmt: skip
         return predictions(
             self.tokenizer, generation_tokens, generation_logprobs,
             wrap=lambda text: {"role": "assistant", "content": text},
@@ -408,8 +400,7 @@ class Llama:
         """Yield the completion of a text prompt (a str) or the answer to a dialog (a
         list of messages) piece by piece (`stream_text`: the section on streaming)."""
         text = isinstance(prompt, str)
-        encode = self.encode_prompt if text else self.encode_dialog
-        prompt_tokens = encode(prompt)
+        prompt_tokens = (self.encode_prompt if text else self.encode_dialog)(prompt)
         if not text and self.is_unsafe(prompt):
             yield UNSAFE_ERROR
             return

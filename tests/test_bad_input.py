@@ -186,7 +186,9 @@ def test_cli_ctrl_c_keeps_the_output_and_exits_130():
     env = {**os.environ, "TQDM_DISABLE": "1"}
     p = subprocess.Popen([sys.executable, "-m", "llama2_edu", "--stream", "--temperature", "0", "--max-gen-len",
                           "400", "--device", "cpu", "Once upon a time"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, env=env)
+                         stderr=subprocess.PIPE, env=env,
+                         # as from a terminal: Ctrl-C at its default, whatever this test process inherited
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = b""
     while not first.strip():  # generation has started: some text is out
         byte = p.stdout.read(1)

@@ -186,8 +186,8 @@ _open_readers = {}
 # GGUF's value types, numbered as in the file (gguf.GGUFValueType)
 GGUF_TYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32")
 GGUF_TYPES += ("bool", "string", "array", "uint64", "int64", "float64")
-# the type llama.cpp reads each key of this book as: it refuses any other (the bits of
-# a uint32 read as a float32 would make a rope.freq_base of 1.18e9)
+# the type llama.cpp reads each key of this book as: it refuses any other (the four
+# bytes of the float32 10000.0, read as a uint32, are 1,176,256,512)
 GGUF_KEY_TYPES = {
     "general.architecture": "string",
     "llama.context_length": "uint32",

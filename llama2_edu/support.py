@@ -20,7 +20,8 @@ __all__ = ['EMBEDDED_MODEL_PIP', 'GGUF_TYPES', 'GGUF_KEY_TYPES', 'TOKEN_NORMAL',
            'render_chat_template', 'check_cost', 'check_ngrams', 'not_a_draft', 'not_a_llama', 'check_draft_batch',
            'VocabularyMismatch', 'check_vocabulary', 'check_quantize', 'check_gguf_mode', 'check_groupsize',
            'check_int4_blocks', 'check_cuda_int4', 'OneLineParser', 'one_line', 'explained', 'read_prompt',
-           'read_limited', 'check_speculate', 'check_options', 'check_parallel']
+           'read_limited', 'check_speculate', 'check_options', 'check_parallel', 'check_engine', 'check_request',
+           'APIError', 'field']
 
 # %% ../notebooks/00_how_the_package_defends_itself.ipynb #a0import
 import hashlib
@@ -1992,3 +1993,63 @@ def check_parallel(quantize, fuse: bool, compile: bool):
             " (torchrun): pass quantize=None, and each process loads its slice in"
             " plain layers."
         )
+
+# %% ../notebooks/00_how_the_package_defends_itself.ipynb #0d061ca7
+def check_engine(max_num_seqs: int, max_batch_size: int, block_size: int,
+                 chunk_size: int):
+    "An engine's sizes (chapter 15), or an error naming the one to change."
+    for name, value in [("max_num_seqs", max_num_seqs), ("block_size", block_size),
+                        ("chunk_size", chunk_size)]:
+        check_int(name, value)
+    if max_batch_size < max_num_seqs:
+        raise InputError(
+            f"max_num_seqs={max_num_seqs} needs a model loaded for at least as many"
+            f" sequences, not max_batch_size={max_batch_size}: pass"
+            f" load(max_batch_size={max_num_seqs}), or lower max_num_seqs."
+        )
+    if chunk_size % block_size:
+        raise InputError(
+            f"chunk_size={chunk_size} must be a multiple of block_size={block_size}:"
+            " a prompt chunk fills whole blocks."
+        )
+
+
+def check_request(n_prompt: int, max_tokens, context: int):
+    "A request the engine can serve, or an error naming the problem."
+    if n_prompt < 1:
+        raise InputError("A request needs at least one prompt token.")
+    check_int("max_tokens", max_tokens)
+    if n_prompt + max_tokens > context:
+        raise InputError(
+            f"{n_prompt} prompt tokens + max_tokens={max_tokens} exceed the context of"
+            f" {context} tokens: shorten the prompt or lower max_tokens."
+        )
+
+# %% ../notebooks/00_how_the_package_defends_itself.ipynb #0788ac16
+import json
+
+
+class APIError(Exception):
+    "An error the client gets in OpenAI's shape, with its HTTP status (chapter 16)."
+
+    def __init__(self, status: int, message: str, param=None, code=None,
+                 type="invalid_request_error", headers=None):
+        super().__init__(message)
+        self.status, self.param, self.code, self.type = status, param, code, type
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": dict(message=str(self), type=self.type, param=self.param,
+                              code=self.code)}
+
+
+def field(body: dict, name: str, kinds, default, ok=lambda v: True, what=""):
+    "body[name] if it is of `kinds` and passes `ok`; the default if absent or null."
+    value = body.get(name)
+    if value is None:
+        return default
+    if (isinstance(value, bool) != (kinds is bool) or not isinstance(value, kinds)
+            or not ok(value)):
+        raise APIError(400, f"'{name}' must be {what}, not {json.dumps(value)}",
+                       param=name)
+    return value

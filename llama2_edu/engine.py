@@ -16,7 +16,7 @@ from torch import nn
 from .attention import Attention, attention, causal_mask
 from .generation import sample_next
 from .rope import apply_rotary_emb
-from .support import check_engine, check_request  # the appendix
+from .support import InputError, check_engine, check_request  # appendix
 
 
 @dataclass
@@ -161,15 +161,16 @@ class KVPool:
     """Every layer's keys and values side by side, (n_layers, num_blocks * block_size,
     2, n_kv_heads, head_dim): position p of a request lives in slot
     `block_table[p // block_size] * block_size + p % block_size`. Before each forward
-    pass the engine sets `slots`, each row's slots of all its positions so far, and
-    `new_slots`, those of the tokens being computed, row after row."""
+    pass the engine sets `lengths`, how many positions each row has so far, `slots`,
+    the slots of all of them row after row, and `new_slots`, those of the tokens being
+    computed."""
 
     def __init__(self, n_layers, num_blocks, block_size, n_kv_heads, head_dim,
                  dtype=torch.float32, device=None):
         shape = (n_layers, num_blocks * block_size, 2, n_kv_heads, head_dim)
         self.kv = torch.zeros(shape, dtype=dtype, device=device)
-        self.slots: List[torch.Tensor] = []
-        self.new_slots = torch.empty(0, dtype=torch.long)
+        self.lengths: List[int] = []
+        self.slots = self.new_slots = torch.empty(0, dtype=torch.long)
 
 
 class PagedAttention(nn.Module):
@@ -186,15 +187,16 @@ class PagedAttention(nn.Module):
         xq, xk, xv = self.inner.project(x)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
         kv = self.pool.kv[self.layer_id]  # (slots, 2, n_kv_heads, head_dim)
-        rows = len(self.pool.slots)  # the rows after them only pad the batch
+        rows = len(self.pool.lengths)  # the rows after them only pad the batch
         # all rows' new keys and values into their slots, in one write
         new = torch.stack((xk[:rows], xv[:rows]), 2).flatten(0, 1)
         kv[self.pool.new_slots] = new.to(kv.dtype)
         out = []
-        for b, slots in enumerate(self.pool.slots):
+        # all rows' keys and values in one gather, then each row's own (a view)
+        for b, row in enumerate(kv[self.pool.slots].split(self.pool.lengths)):
             # this row's n keys and values: (1, n_kv_heads, n, head_dim) each
-            keys, values = kv[slots].permute(1, 2, 0, 3)[:, None]
-            n = len(slots)
+            keys, values = row.permute(1, 2, 0, 3)[:, None]
+            n = self.pool.lengths[b]
             row_mask = None if seqlen in (1, n) else causal_mask(seqlen, n - seqlen)
             out.append(attention(xq[b : b + 1].transpose(1, 2), keys, values, row_mask))
         out.append(torch.zeros_like(xq[rows:].transpose(1, 2)))  # padding: nothing
@@ -282,7 +284,8 @@ class Engine:
         fixed_shape: Optional[bool] = None
     ):
         model, args = llama.model, llama.args
-        check_engine(max_num_seqs, args.max_batch_size, block_size, chunk_size)
+        budget = max_num_batched_tokens or chunk_size + max_num_seqs
+        check_engine(max_num_seqs, args.max_batch_size, block_size, chunk_size, budget)
         self.model, self.tokenizer = model, llama.tokenizer
         # by default, the memory of chapter 6's cache for max_num_seqs sequences
         num_blocks = num_blocks or max_num_seqs * args.max_seq_len // block_size
@@ -301,7 +304,6 @@ class Engine:
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         # the longest request: prompt + max_tokens
         self.context = min(args.max_seq_len, num_blocks * block_size)
-        budget = max_num_batched_tokens or chunk_size + max_num_seqs
         self.scheduler = Scheduler(self.blocks, max_num_seqs, budget, chunk_size)
         # fp32 rows change with the number of rows (M) of a matrix product: pad
         if fixed_shape is None:
@@ -318,6 +320,8 @@ class Engine:
         check_request(len(prompt_tokens), params.max_tokens, self.context)
         if request_id is None:
             request_id, self._next_id = self._next_id, self._next_id + 1
+        if request_id in self.requests:  # it could not be aborted any more
+            raise InputError(f"Request id {request_id!r} is in use: give another.")
         request = Request(request_id, prompt_tokens, params)
         self.requests[request_id] = request
         self.scheduler.waiting.append(request)
@@ -364,13 +368,11 @@ class Engine:
 
     def forward(self, rows: List[Request], n: int) -> torch.Tensor:
         "Logits (len(rows), vocab_size) after each row's next `n` tokens."
-        self.pool.slots = [
-            slot_mapping(r.block_table, r.num_computed + n, self.blocks.block_size).to(
-                self.device
-            )
-            for r in rows
-        ]
-        self.pool.new_slots = torch.cat([slots[-n:] for slots in self.pool.slots])
+        size = self.blocks.block_size
+        slots = [slot_mapping(r.block_table, r.num_computed + n, size) for r in rows]
+        self.pool.lengths = [len(s) for s in slots]
+        self.pool.slots = torch.cat(slots).to(self.device)
+        self.pool.new_slots = torch.cat([s[-n:] for s in slots]).to(self.device)
         tokens = [r.tokens[r.num_computed : r.num_computed + n] for r in rows]
         start_pos = [r.num_computed for r in rows]
         if self.fixed_shape and n == 1:  # pad to max_num_seqs rows: one shape always

@@ -120,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "The prompt comes from the PROMPT argument, else from --file, else from"
             " standard input\n(one trailing newline of a file or of stdin is"
-            " dropped).\n\nOther command:\n  python -m llama2_edu fetch-tokenizer\n    "
+            " dropped).\n\nOther commands:\n  python -m llama2_edu fetch-tokenizer\n    "
             "  download Llama 2's real tokenizer vocabulary (see: fetch-tokenizer"
-            " --help)\n\nExample:\n  python -m llama2_edu --temperature 0 --max-gen-len"
+            " --help)\n  python -m llama2_edu serve\n      an OpenAI-compatible"
+            " server, chapter 16 (see: serve --help)\n\nExample:\n  python -m llama2_edu --temperature 0 --max-gen-len"
             " 16 \"The capital of France is\""
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,

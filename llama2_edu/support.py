@@ -1996,10 +1996,10 @@ def check_parallel(quantize, fuse: bool, compile: bool):
 
 # %% ../notebooks/00_how_the_package_defends_itself.ipynb #0d061ca7
 def check_engine(max_num_seqs: int, max_batch_size: int, block_size: int,
-                 chunk_size: int):
+                 chunk_size: int, budget: int):
     "An engine's sizes (chapter 15), or an error naming the one to change."
     for name, value in [("max_num_seqs", max_num_seqs), ("block_size", block_size),
-                        ("chunk_size", chunk_size)]:
+                        ("chunk_size", chunk_size), ("max_num_batched_tokens", budget)]:
         check_int(name, value)
     if max_batch_size < max_num_seqs:
         raise InputError(
@@ -2011,6 +2011,12 @@ def check_engine(max_num_seqs: int, max_batch_size: int, block_size: int,
         raise InputError(
             f"chunk_size={chunk_size} must be a multiple of block_size={block_size}:"
             " a prompt chunk fills whole blocks."
+        )
+    if budget < chunk_size + max_num_seqs:
+        raise InputError(
+            f"max_num_batched_tokens={budget} leaves no room for a prompt chunk of"
+            f" {chunk_size} tokens after {max_num_seqs} decoding requests: make it at"
+            f" least chunk_size + max_num_seqs = {chunk_size + max_num_seqs}."
         )
 
 

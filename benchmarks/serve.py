@@ -18,7 +18,8 @@ cut from the repository's own prose (README.md, book/*.md) by our tokenizer, so 
 servers see the same tokens; output tokens are counted from the final usage chunk.
 
 Each server runs as a subprocess, started once (ours: --max-num-seqs 16 and
-OMP_NUM_THREADS=--threads; llama-server: -np 16 slots of 1024 tokens, -t --threads),
+its default threads: all cores but one, which it leaves to the event loop and the HTTP
+work; llama-server: -np 16 slots of 1024 tokens, -t --threads),
 warmed up, and stopped at the end. Each configuration runs on ours, then on
 llama-server, so a drift of the machine hits both. The sections (--only runs one of
 them and updates only its part of the results):
@@ -409,8 +410,7 @@ def llama_server_command(a, port) -> list[str]:
 
 
 def start_ours(a, port, extra=()) -> Server:
-    env = {"OMP_NUM_THREADS": str(a.threads)}
-    return Server("ours", ours_command(port, extra), port, env)
+    return Server("ours", ours_command(port, extra), port, {})
 
 
 def start_llama_server(a, port) -> Server:
@@ -701,7 +701,7 @@ def machine(a) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--llama-server", metavar="PATH", help="llama.cpp's llama-server")
-    p.add_argument("--threads", type=int, default=2, help="for both servers")
+    p.add_argument("--threads", type=int, default=2, help="llama-server's -t")
     p.add_argument("--rate", type=float, default=0.5, help="poisson: requests a second")
     p.add_argument("--port", type=int, default=8400, help="ours; llama-server: +1")
     p.add_argument("--only", choices=SECTIONS, help="run one section, keep the others")
@@ -719,7 +719,7 @@ def main(argv=None):
         command=shown(a, ["python benchmarks/serve.py", *args]),
         machine=machine(a),
         servers={
-            "ours": f"OMP_NUM_THREADS={a.threads} {shown(a, ours_command(a.port))}"
+            "ours": shown(a, ours_command(a.port)),
         },
         max_tokens=s.max_tokens,
     )

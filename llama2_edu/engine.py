@@ -2,9 +2,10 @@
 
 # %% auto #0
 __all__ = ['SamplingParams', 'Status', 'Request', 'BlockManager', 'slot_mapping', 'KVPool', 'PagedAttention', 'Scheduler',
-           'Engine']
+           'Engine', 'torch_threads']
 
 # %% ../notebooks/15_serving_many_users.ipynb #a8a48768
+import contextlib
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
@@ -281,7 +282,8 @@ class Engine:
         chunk_size: int = 64,
         max_num_batched_tokens: Optional[int] = None,
         prefix_caching: bool = True,
-        fixed_shape: Optional[bool] = None
+        fixed_shape: Optional[bool] = None,
+        prefill_threads: Optional[int] = None,
     ):
         model, args = llama.model, llama.args
         budget = max_num_batched_tokens or chunk_size + max_num_seqs
@@ -309,6 +311,7 @@ class Engine:
         if fixed_shape is None:
             fixed_shape = weight.dtype == torch.float32
         self.fixed_shape, self.device = fixed_shape, weight.device
+        self.prefill_threads = prefill_threads
         self.requests: Dict[object, Request] = {}
         self.num_prompt_tokens = self.num_generation_tokens = 0  # totals, for metrics
         self._next_id = 0
@@ -344,8 +347,9 @@ class Engine:
         work = self.scheduler.schedule()
         singles = [request for request, n in work if n == 1]
         logits = dict(zip(singles, self.forward(singles, 1))) if singles else {}
-        for request, n in work:
-            if n > 1:
+        chunks = [(request, n) for request, n in work if n > 1]
+        with torch_threads(self.prefill_threads if chunks else None):
+            for request, n in chunks:
                 logits[request] = self.forward([request], n)[0]
         out = []
         for request, n in work:
@@ -405,3 +409,15 @@ class Engine:
         while self.has_unfinished():
             self.step()
         return [r.output_tokens for r in requests]
+
+
+@contextlib.contextmanager
+def torch_threads(n: Optional[int]):
+    "Run the block on `n` of torch's threads (None: as they are), then restore them."
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+

@@ -21,7 +21,7 @@ __all__ = ['EMBEDDED_MODEL_PIP', 'GGUF_TYPES', 'GGUF_KEY_TYPES', 'TOKEN_NORMAL',
            'VocabularyMismatch', 'check_vocabulary', 'check_quantize', 'check_gguf_mode', 'check_groupsize',
            'check_int4_blocks', 'check_cuda_int4', 'OneLineParser', 'one_line', 'explained', 'read_prompt',
            'read_limited', 'check_speculate', 'check_options', 'check_parallel', 'check_engine', 'check_request',
-           'APIError', 'field']
+           'APIError', 'field', 'sampling_fields', 'prompt_ids']
 
 # %% ../notebooks/00_how_the_package_defends_itself.ipynb #a0import
 import hashlib
@@ -2059,3 +2059,50 @@ def field(body: dict, name: str, kinds, default, ok=lambda v: True, what=""):
         raise APIError(400, f"'{name}' must be {what}, not {json.dumps(value)}",
                        param=name)
     return value
+
+# %% ../notebooks/00_how_the_package_defends_itself.ipynb #c7d46fa7
+def sampling_fields(body: dict, max_tokens: int):
+    """A request's sampling fields as SamplingParams' arguments (chapter 15), its stop
+    strings, and whether it streams and with usage; each field checked (`field`)."""
+    field(body, "n", int, 1, lambda n: n == 1, "1 (one choice per request)")
+    field(body, "logprobs", (bool, int), None, lambda v: not v, "null: not supported")
+    stop = field(body, "stop", (str, list), [], what="a string or a list of strings")
+    stop = [stop] if isinstance(stop, str) else stop
+    if not all(isinstance(s, str) and s for s in stop):
+        raise APIError(400, "'stop' must hold non-empty strings", param="stop")
+    number = (int, float)
+    fields = dict(
+        max_tokens=field(body, "max_tokens", int, max_tokens, lambda v: v >= 1,
+                         "an integer >= 1"),
+        temperature=field(body, "temperature", number, 1.0, lambda v: 0 <= v <= 2,
+                          "a number from 0 to 2"),
+        top_p=field(body, "top_p", number, 1.0, lambda v: 0 < v <= 1,
+                    "a number in (0, 1]"),
+        top_k=field(body, "top_k", int, None, lambda v: v >= -1, "an integer >= -1"),
+        seed=field(body, "seed", int, None, lambda v: 0 <= v < 2**63,
+                   "an integer from 0 to 2**63 - 1"),
+        ignore_eos=field(body, "ignore_eos", bool, False, what="true or false"),
+    )
+    if fields["top_k"] == -1:  # vLLM's "no limit"
+        fields["top_k"] = None
+    stream = field(body, "stream", bool, False, what="true or false")
+    options = field(body, "stream_options", dict, {}, what="an object")
+    usage = field(options, "include_usage", bool, False, what="true or false")
+    return fields, stop, stream, usage
+
+
+def prompt_ids(prompt, encode, vocab_size: int) -> list:
+    "A completion's prompt as token ids: text through `encode`, or ids in the vocabulary."
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # a batch of one prompt
+    if isinstance(prompt, str) and prompt:
+        return encode(prompt)
+    if isinstance(prompt, list) and prompt and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt
+    ):
+        if not all(0 <= t < vocab_size for t in prompt):
+            raise APIError(400, f"Token ids must be in [0, {vocab_size})",
+                           param="prompt")
+        return prompt
+    raise APIError(400, "'prompt' must be a non-empty string or a list of token ids"
+                   " (one prompt per request)", param="prompt")

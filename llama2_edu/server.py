@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['AsyncEngine', 'TextOutput', 'Metrics', 'Completion', 'disconnected', 'build_app', 'build_parser', 'main']
 
-# %% ../notebooks/16_an_openai_server.ipynb #26496a4a
+# %% ../notebooks/16_an_openai_server.ipynb #5cd103b2
 import asyncio
 import contextlib
 import hmac
@@ -95,7 +95,7 @@ class AsyncEngine:
             if request.finish_reason:
                 del self.streams[request.id]
 
-# %% ../notebooks/16_an_openai_server.ipynb #d719d166
+# %% ../notebooks/16_an_openai_server.ipynb #68d0f395
 class TextOutput:
     """A request's tokens as text, released piece by piece: never half a UTF-8
     character, never the start of a stop string that may still complete, nothing
@@ -124,7 +124,7 @@ class TextOutput:
         new, self.sent = text[self.sent :], max(self.sent, len(text))
         return new
 
-# %% ../notebooks/16_an_openai_server.ipynb #f0e7918f
+# %% ../notebooks/16_an_openai_server.ipynb #144bdeac
 class Metrics:
     "Prometheus counters and gauges of the engine, and a time-to-first-token histogram."
 
@@ -168,7 +168,7 @@ class Metrics:
         lines += [f"{name}_sum {self.ttft_sum}", f"{name}_count {self.ttft_count}"]
         return "\n".join(lines) + "\n"
 
-# %% ../notebooks/16_an_openai_server.ipynb #fd84a106
+# %% ../notebooks/16_an_openai_server.ipynb #66e52eca
 class Completion:
     """One request as the server sees it: its tokens arrive on a queue and become text
     pieces, then server-sent events or one JSON body. If the client goes away first,
@@ -268,7 +268,7 @@ async def disconnected(request: Request):
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
-# %% ../notebooks/16_an_openai_server.ipynb #a76138bf
+# %% ../notebooks/16_an_openai_server.ipynb #c0d1863f
 def build_app(start_engine, model_name: str, api_key: Optional[str] = None) -> FastAPI:
     """The OpenAI-compatible app. `start_engine()` loads the model and returns an
     AsyncEngine; it runs in a thread at startup, and /health answers 503 until then."""
@@ -379,7 +379,7 @@ def build_app(start_engine, model_name: str, api_key: Optional[str] = None) -> F
 
     return app
 
-# %% ../notebooks/16_an_openai_server.ipynb #940ac125
+# %% ../notebooks/16_an_openai_server.ipynb #2d5ef35e
 def build_parser():
     p = OneLineParser(
         prog="python -m llama2_edu serve",
@@ -403,9 +403,9 @@ def build_parser():
         "--threads",
         type=int,
         help=(
-            "torch's threads (default: all cores"
-            " for prompt chunks, all but one for decoding steps, leaving that one"
-            " to the event loop and the HTTP work)"
+            "torch's threads (default: OMP_NUM_THREADS"
+            " if set, else all cores for prompt chunks and all but one for"
+            " decoding steps, leaving that one to the event loop and the HTTP work)"
         ),
     )
     p.add_argument("--max-num-seqs", type=int, default=8, help="requests at once")
@@ -460,9 +460,12 @@ def main(argv=None) -> int:
     name = args.served_model_name or Path(source or embedded_model_path()).stem
 
     def start_engine() -> AsyncEngine:
-        # decoding on all cores but one, left to the event loop; prompts on all
         cores = os.cpu_count() or 1
-        torch.set_num_threads(args.threads or max(1, cores - 1))
+        if args.threads or "OMP_NUM_THREADS" in os.environ:  # as the user asked
+            threads = prefill_threads = args.threads or torch.get_num_threads()
+        else:  # decoding on all cores but one, left to the event loop; prompts on all
+            threads, prefill_threads = max(1, cores - 1), cores
+        torch.set_num_threads(threads)
         try:
             dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
             llama = load(
@@ -479,7 +482,7 @@ def main(argv=None) -> int:
                 chunk_size=args.chunk_size,
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 prefix_caching=not args.no_prefix_caching,
-                prefill_threads=args.threads or cores,
+                prefill_threads=prefill_threads,
             )
         except Exception as e:  # nothing to serve: say why and stop the server
             print(f"error: {one_line(e)}", file=sys.stderr, flush=True)

@@ -104,8 +104,14 @@ class Llama(speculative.Llama):
 import argparse
 import sys
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
-          "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,11 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "The prompt comes from the PROMPT argument, else from --file, else from"
             " standard input\n(one trailing newline of a file or of stdin is"
-            " dropped).\n\nOther commands:\n  python -m llama2_edu fetch-tokenizer\n    "
-            "  download Llama 2's real tokenizer vocabulary (see: fetch-tokenizer"
-            " --help)\n  python -m llama2_edu serve\n      an OpenAI-compatible"
-            " server, chapter 16 (see: serve --help)\n\nExample:\n  python -m llama2_edu --temperature 0 --max-gen-len"
-            " 16 \"The capital of France is\""
+            " dropped).\n\nOther commands:\n  python -m llama2_edu fetch-tokenizer\n   "
+            "   download Llama 2's real tokenizer vocabulary (see: fetch-tokenizer"
+            " --help)\n  python -m llama2_edu serve\n      an OpenAI-compatible server,"
+            " chapter 16 (see: serve --help)\n\nExample:\n  python -m llama2_edu"
+            " --temperature 0 --max-gen-len 16 \"The capital of France is\""
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['AsyncEngine', 'TextOutput', 'Metrics', 'Completion', 'disconnected', 'build_app', 'build_parser', 'main']
 
-# %% ../notebooks/16_an_openai_server.ipynb #5cd103b2
+# %% ../notebooks/16_an_openai_server.ipynb #4560c4cf
 import asyncio
 import contextlib
 import hmac
@@ -95,7 +95,7 @@ class AsyncEngine:
             if request.finish_reason:
                 del self.streams[request.id]
 
-# %% ../notebooks/16_an_openai_server.ipynb #68d0f395
+# %% ../notebooks/16_an_openai_server.ipynb #8a9ae1a3
 class TextOutput:
     """A request's tokens as text, released piece by piece: never half a UTF-8
     character, never the start of a stop string that may still complete, nothing
@@ -124,7 +124,7 @@ class TextOutput:
         new, self.sent = text[self.sent :], max(self.sent, len(text))
         return new
 
-# %% ../notebooks/16_an_openai_server.ipynb #144bdeac
+# %% ../notebooks/16_an_openai_server.ipynb #8ddb26e7
 class Metrics:
     "Prometheus counters and gauges of the engine, and a time-to-first-token histogram."
 
@@ -168,7 +168,7 @@ class Metrics:
         lines += [f"{name}_sum {self.ttft_sum}", f"{name}_count {self.ttft_count}"]
         return "\n".join(lines) + "\n"
 
-# %% ../notebooks/16_an_openai_server.ipynb #66e52eca
+# %% ../notebooks/16_an_openai_server.ipynb #f10fc91d
 class Completion:
     """One request as the server sees it: its tokens arrive on a queue and become text
     pieces, then server-sent events or one JSON body. If the client goes away first,
@@ -268,7 +268,7 @@ async def disconnected(request: Request):
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
-# %% ../notebooks/16_an_openai_server.ipynb #c0d1863f
+# %% ../notebooks/16_an_openai_server.ipynb #618b073a
 def build_app(start_engine, model_name: str, api_key: Optional[str] = None) -> FastAPI:
     """The OpenAI-compatible app. `start_engine()` loads the model and returns an
     AsyncEngine; it runs in a thread at startup, and /health answers 503 until then."""
@@ -379,7 +379,7 @@ def build_app(start_engine, model_name: str, api_key: Optional[str] = None) -> F
 
     return app
 
-# %% ../notebooks/16_an_openai_server.ipynb #2d5ef35e
+# %% ../notebooks/16_an_openai_server.ipynb #b168e9c2
 def build_parser():
     p = OneLineParser(
         prog="python -m llama2_edu serve",

@@ -3,13 +3,14 @@
 # %% auto #0
 __all__ = ['AsyncEngine', 'TextOutput', 'Metrics', 'Completion', 'disconnected', 'build_app', 'build_parser', 'main']
 
-# %% ../notebooks/16_an_openai_server.ipynb #4560c4cf
+# %% ../notebooks/16_an_openai_server.ipynb #68fabf92
 import asyncio
 import contextlib
 import hmac
 import json
 import os
 import queue
+import socket
 import sys
 import threading
 import time
@@ -95,7 +96,7 @@ class AsyncEngine:
             if request.finish_reason:
                 del self.streams[request.id]
 
-# %% ../notebooks/16_an_openai_server.ipynb #8a9ae1a3
+# %% ../notebooks/16_an_openai_server.ipynb #f0bbd49d
 class TextOutput:
     """A request's tokens as text, released piece by piece: never half a UTF-8
     character, never the start of a stop string that may still complete, nothing
@@ -124,7 +125,7 @@ class TextOutput:
         new, self.sent = text[self.sent :], max(self.sent, len(text))
         return new
 
-# %% ../notebooks/16_an_openai_server.ipynb #8ddb26e7
+# %% ../notebooks/16_an_openai_server.ipynb #88a9955d
 class Metrics:
     "Prometheus counters and gauges of the engine, and a time-to-first-token histogram."
 
@@ -168,7 +169,7 @@ class Metrics:
         lines += [f"{name}_sum {self.ttft_sum}", f"{name}_count {self.ttft_count}"]
         return "\n".join(lines) + "\n"
 
-# %% ../notebooks/16_an_openai_server.ipynb #f10fc91d
+# %% ../notebooks/16_an_openai_server.ipynb #fe196c57
 class Completion:
     """One request as the server sees it: its tokens arrive on a queue and become text
     pieces, then server-sent events or one JSON body. If the client goes away first,
@@ -268,7 +269,7 @@ async def disconnected(request: Request):
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
-# %% ../notebooks/16_an_openai_server.ipynb #618b073a
+# %% ../notebooks/16_an_openai_server.ipynb #a02b2f91
 def build_app(start_engine, model_name: str, api_key: Optional[str] = None) -> FastAPI:
     """The OpenAI-compatible app. `start_engine()` loads the model and returns an
     AsyncEngine; it runs in a thread at startup, and /health answers 503 until then."""
@@ -379,7 +380,7 @@ def build_app(start_engine, model_name: str, api_key: Optional[str] = None) -> F
 
     return app
 
-# %% ../notebooks/16_an_openai_server.ipynb #b168e9c2
+# %% ../notebooks/16_an_openai_server.ipynb #540afa31
 def build_parser():
     p = OneLineParser(
         prog="python -m llama2_edu serve",
@@ -396,7 +397,7 @@ def build_parser():
         ),
     )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="0: any free port")
     p.add_argument("--served-model-name", help="the model's id in the API")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
     p.add_argument(
@@ -431,8 +432,8 @@ def main(argv=None) -> int:
     try:
         import uvicorn
 
+        check_int("--port", args.port, minimum=0)
         for name in (
-            "port",
             "threads",
             "max_num_seqs",
             "max_queue",
@@ -445,6 +446,11 @@ def main(argv=None) -> int:
             if getattr(args, name) is not None:
                 check_int(f"--{name.replace('_', '-')}", getattr(args, name))
         source = checkpoint_path(args.ckpt)
+        # bound here, before anything loads: a busy port is one error line, and port 0
+        # takes a free one, atomically
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
     except ImportError:
         print(
             "error: the server needs FastAPI and uvicorn: pip install"
@@ -458,6 +464,8 @@ def main(argv=None) -> int:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     name = args.served_model_name or Path(source or embedded_model_path()).stem
+    url = "http://{}:{}".format(*sock.getsockname()[:2])
+    print(f"listening at {url}", flush=True)
 
     def start_engine() -> AsyncEngine:
         cores = os.cpu_count() or 1
@@ -487,11 +495,10 @@ def main(argv=None) -> int:
         except Exception as e:  # nothing to serve: say why and stop the server
             print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
             os._exit(1)
-        print(f"serving {name} at http://{args.host}:{args.port}/v1", flush=True)
+        print(f"serving {name} at {url}/v1", flush=True)
         return AsyncEngine(engine, llama, args.max_queue)
 
     app = build_app(start_engine, name, args.api_key)
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level="warning", access_log=False
-    )
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -55,17 +55,24 @@ class Server:
     "A server process on a free port; `health` holds each /health answer until 200."
 
     def __init__(self, log_dir, *args):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_dir / f"server-{self.port}.log", "w+")
+        # --port 0: the server binds a free port itself and prints it, so that two
+        # servers started at once (pytest workers, a notebook) never race for one
+        self.log_path = log_dir / f"server-{id(self)}.log"
+        self.log = open(self.log_path, "w")
         self.process = serve(
-            "--port", str(self.port), *args, stdout=self.log, stderr=subprocess.STDOUT
+            "--port", "0", *args, stdout=self.log, stderr=subprocess.STDOUT
         )
+        self.url = None
         self.health = []
 
     def wait(self, timeout=180):
         "Poll /health from the start (every 20 ms) until the model is loaded."
         deadline = time.monotonic() + timeout
+        while self.url is None and time.monotonic() < deadline:
+            assert self.process.poll() is None, self.output()
+            found = re.search(r"listening at (http://\S+)", self.output())
+            self.url = found and found.group(1)
+            time.sleep(0.01)
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.output()
             try:
@@ -80,8 +87,7 @@ class Server:
         raise AssertionError(f"no 200 from /health in {timeout} s: {self.output()}")
 
     def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
+        return self.log_path.read_text()  # its own file offset: the server's stays
 
     def stop(self):
         self.process.terminate()

@@ -2092,7 +2092,7 @@ def sampling_fields(body: dict, max_tokens: int):
 
 
 def prompt_ids(prompt, encode, vocab_size: int) -> list:
-    "A completion's prompt as token ids: text through `encode`, or ids in the vocabulary."
+    "A completion's prompt as token ids: text through `encode`, or known ids."
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]  # a batch of one prompt
     if isinstance(prompt, str) and prompt:
